@@ -1,0 +1,32 @@
+# fedtail — the two quick-start commands. Each installs into .venv/ on first use (or when
+# pyproject.toml changes): `make run` what the pipeline needs, `make test` that plus the dev tools.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+
+.PHONY: run test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+## run: the main job on the embedded default (digits) through the Prefect flow
+run: $(VENV)/.installed
+	$(BIN)/fedtail run
+
+## test: ruff, then the test suite (what .ci/run calls)
+test: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+## bench: in-process vs Ray engine and the main job's wall time -> benchmarks/results/
+bench: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/engines.py
+
+clean:
+	rm -rf runs artifacts .pytest_cache

@@ -1,0 +1,92 @@
+"""Benchmark: the same tiny federation on the in-process engine and on Ray, side by side, plus the wall
+time of the default main job (``fedtail run`` on params.yaml, Prefect included).
+
+Writes ``benchmarks/results/engines.json``. Ratios, not absolute times, are the result: both engines run
+in this one invocation on the same machine.
+
+    .venv/bin/python benchmarks/engines.py [--repeats 2] [--skip-main-job]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fedtail.staging import init_dvc  # noqa: E402
+
+from fedtail import io, pipeline  # noqa: E402
+from fedtail.config import load_config  # noqa: E402
+
+
+def _project(tmp: Path) -> Path:
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "--allow-empty", "-m", "init")
+    init_dvc(tmp)
+    return tmp
+
+
+def time_engine(root: Path, engine: str, run_id: str, overrides: dict) -> tuple[float, dict]:
+    cfg = load_config(
+        REPO / "configs" / "smoke.yaml",
+        {
+            **overrides,
+            "engine.name": engine,
+            "output.run_id": run_id,
+            "output.data_dir": str(root / "data"),
+            "output.artifacts_dir": str(root / "artifacts"),
+            "output.runs_dir": str(root / "runs"),
+        },
+    )
+    staged = pipeline.stage(cfg, root)
+    parts = pipeline.partition(cfg, staged, root)
+    start = time.perf_counter()
+    run_dir = pipeline.simulate(cfg, staged, parts, pipeline.new_run_dir(cfg, root))
+    return time.perf_counter() - start, json.loads((run_dir / "metrics.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-main-job", action="store_true")
+    args = parser.parse_args()
+    overrides = {"federation.num_clients": 5, "federation.rounds_per_task": 3}
+    result: dict = {"machine": platform.platform(), "python": platform.python_version(), "config": overrides}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _project(Path(tmp))
+        times: dict[str, list[float]] = {"inprocess": [], "ray": []}
+        metrics = {}
+        for rep in range(args.repeats):
+            for engine in times:
+                seconds, metrics[engine] = time_engine(root, engine, f"{engine}-{rep}", overrides)
+                times[engine].append(seconds)
+                print(f"{engine:9s} repeat {rep}: {seconds:.2f} s", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result["engines_seconds"] = times
+    result["ray_over_inprocess"] = med["ray"] / med["inprocess"]
+    result["identical_metrics"] = metrics["ray"] == metrics["inprocess"]
+    print(f"ray / inprocess wall-time ratio (median): {result['ray_over_inprocess']:.1f}x")
+    if not args.skip_main_job:
+        start = time.perf_counter()
+        subprocess.run([str(REPO / ".venv" / "bin" / "fedtail"), "run"], cwd=REPO, check=True)
+        result["main_job_seconds"] = time.perf_counter() - start
+        print(f"default main job (fedtail run): {result['main_job_seconds']:.1f} s")
+    out = REPO / "benchmarks" / "results" / "engines.json"
+    io.write_json(out, result)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""One client's local training: its data for the current task, the objective, the continual method.
+
+Plain functions over a `LocalContext`, testable without Flower; `clients.app` only adapts messages.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from fedtail.staging import load_staged
+from flwr.app import RecordDict
+from torch import nn
+
+from fedtail.partition import load_client
+from fedtail.protocol import Job
+from fedtail.registry import CONTINUAL, OBJECTIVES
+
+
+@dataclass
+class LocalContext:
+    """What a local objective or continual method may look at during one round of local training."""
+
+    job: Job
+    partition_id: int
+    task: int
+    global_round: int
+    task_classes: list[int]
+    seen_classes: list[int]
+    class_prior: np.ndarray
+    class_counts: np.ndarray
+    model: nn.Module
+    global_model: nn.Module
+    state: RecordDict
+    device: torch.device
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """A client's training samples (all tasks): labeled part and unlabeled part."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_unlabeled: np.ndarray
+
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        return np.bincount(self.y, minlength=num_classes).astype(np.int64)
+
+    def for_classes(self, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        mask = np.isin(self.y, classes)
+        return self.x[mask], self.y[mask]
+
+
+@functools.lru_cache(maxsize=64)
+def load_client_data(staged_dir: str, partition_dir: str, partition_id: int) -> ClientData:
+    """Read (and cache per process) one client's samples from the staged arrays and its partition."""
+    from pathlib import Path
+
+    splits = load_staged(Path(staged_dir))
+    idx, labeled = load_client(Path(partition_dir), partition_id)
+    x = np.asarray(splits.x_train[idx], dtype=np.float32)
+    y = np.asarray(splits.y_train[idx], dtype=np.int64)
+    return ClientData(x=x[labeled], y=y[labeled], x_unlabeled=x[~labeled])
+
+
+def step_seed(seed: int, *keys: int) -> int:
+    """Independent, reproducible seed for (run seed, task, round, client): same on every engine."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
+
+
+def make_optimizer(model: nn.Module, job: Job) -> torch.optim.Optimizer:
+    t = job.config.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+    """Run ``train.epochs`` epochs of minibatch training; return (mean loss, examples per epoch)."""
+    cfg = ctx.job.config
+    objective = OBJECTIVES.get(cfg.train.objective)(ctx)
+    method = CONTINUAL.get(cfg.continual.method)(ctx)
+    xt, yt = method.training_data(torch.from_numpy(x), torch.from_numpy(y))
+    n = int(yt.shape[0])
+    if n == 0:
+        return 0.0, 0
+    xt, yt = xt.to(ctx.device), yt.to(ctx.device)
+    model = ctx.model.to(ctx.device)
+    optimizer = make_optimizer(model, ctx.job)
+    generator = torch.Generator().manual_seed(
+        step_seed(cfg.seed, ctx.task, ctx.global_round, ctx.partition_id)
+    )
+    bs = cfg.train.batch_size
+    total, steps = 0.0, 0
+    model.train()
+    objective.begin()
+    for _ in range(cfg.train.epochs):
+        order = torch.randperm(n, generator=generator).to(ctx.device)
+        for start in range(0, n, bs):
+            batch = order[start : start + bs]
+            xb, yb = xt[batch], yt[batch]
+            logits = model(xb)
+            loss = objective.loss(logits, yb, xb)
+            extra = method.extra_loss(logits, yb, xb)
+            if extra is not None:
+                loss = loss + extra
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            steps += 1
+    objective.end()
+    method.end_round()
+    return total / max(steps, 1), n

@@ -1,0 +1,128 @@
+"""``fedtail`` command line: the whole pipeline (through Prefect), a scheduled deployment, and one
+command per DVC stage. Every command takes ``--config`` (YAML, default ``params.yaml``) and repeated
+``--set key=value`` overrides onto the one typed config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from fedtail.config import DEFAULT_CONFIG_FILE, ConfigError, FedtailConfig, load_config, parse_override
+
+log = logging.getLogger("fedtail")
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG_FILE, help="YAML config (default: %(default)s)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config field, e.g. --set partition.alpha=0.1 (repeatable)",
+    )
+    p.add_argument("--root", default=".", help="project root holding data/, data.dvc (default: .)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show Flower's own log lines")
+
+
+def _run_id_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--run-id", required=required, help="run folder name under output.runs_dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtail",
+        description="Federated and continual learning on imbalanced data "
+        "(DVC data -> Prefect flow -> Flower federation -> report).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "run", help="the whole pipeline as a Prefect flow (stage, partition, simulate, report)"
+    )
+    _common(p)
+    _run_id_arg(p)
+    p.add_argument("--resume", metavar="RUN_ID", help="continue a crashed run from its last checkpoint")
+    p = sub.add_parser(
+        "serve", help="serve the pipeline as a Prefect deployment on the config's cron schedule"
+    )
+    _common(p)
+    p = sub.add_parser("stage", help="DVC stage 1: verify data/ against data.dvc, write normalised arrays")
+    _common(p)
+    p = sub.add_parser("partition", help="DVC stage 2: long tail, non-IID client split, task schedule")
+    _common(p)
+    p = sub.add_parser("simulate", help="DVC stage 3: run the Flower federation on the configured engine")
+    _common(p)
+    _run_id_arg(p)
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
+    p = sub.add_parser("report", help="DVC stage 4: plots and report.md for a finished run")
+    _common(p)
+    _run_id_arg(p, required=True)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> FedtailConfig:
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if getattr(args, "run_id", None):
+        overrides["output.run_id"] = args.run_id
+    return load_config(args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    root = Path(args.root)
+    try:
+        if args.command == "run" and args.resume:
+            args.config = str(root / load_config(args.config).output.runs_dir / args.resume / "config.yaml")
+            args.run_id = args.resume
+        cfg = _config(args)
+    except ConfigError as err:
+        print(f"fedtail: {err}", file=sys.stderr)
+        return 2
+
+    from fedtail import pipeline
+
+    if args.command == "run":
+        from flows.pipeline import fl_pipeline
+
+        overrides = dict(parse_override(o) for o in args.overrides)
+        if args.run_id:
+            overrides["output.run_id"] = args.run_id
+        run_dir = fl_pipeline(config_path=args.config, overrides=overrides, root=str(root))
+        print(f"report: {Path(run_dir) / 'report.md'}")
+    elif args.command == "serve":
+        from flows.serve import serve
+
+        serve(args.config, dict(parse_override(o) for o in args.overrides))
+    elif args.command == "stage":
+        print(pipeline.stage(cfg, root))
+    elif args.command == "partition":
+        print(pipeline.partition(cfg, pipeline.stage(cfg, root), root))
+    elif args.command == "simulate":
+        staged = pipeline.stage(cfg, root)
+        parts = pipeline.partition(cfg, staged, root)
+        run_dir = pipeline.new_run_dir(cfg, root)
+        if args.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        pipeline.simulate(cfg, staged, parts, run_dir)
+        print(run_dir)
+    elif args.command == "report":
+        print(pipeline.report(pipeline.new_run_dir(cfg, root)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Dataset plug-ins: one module per dataset, registered in `fedtail.registry.DATASETS`."""

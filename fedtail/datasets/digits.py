@@ -1,0 +1,43 @@
+"""scikit-learn's embedded 8x8 ``digits`` (1,797 images, 10 classes): the offline default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedtail.datasets.base import DatasetSpec, Splits, stratified_split
+from fedtail.io import write_npy
+from fedtail.registry import DATASETS
+
+N_SAMPLES = 1797
+SPLIT_SEED = 0  # the train/test split is part of the dataset, not of an experiment's seed
+
+
+def _materialize(cfg, raw_dir: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    write_npy(raw_dir / "images.npy", bunch.data.astype(np.uint8))
+    write_npy(raw_dir / "labels.npy", bunch.target.astype(np.int64))
+
+
+def _load(cfg, raw_dir: Path) -> Splits:
+    x = np.load(raw_dir / "images.npy").astype(np.float32) / 16.0
+    y = np.load(raw_dir / "labels.npy").astype(np.int64)
+    x_tr, y_tr, x_te, y_te = stratified_split(x, y, cfg.test_fraction, SPLIT_SEED)
+    return Splits(x_tr, y_tr, x_te, y_te)
+
+
+SPEC = DATASETS.register("digits")(
+    DatasetSpec(
+        name="digits",
+        num_classes=10,
+        input_shape=(64,),
+        default_model="mlp",
+        train_size=lambda cfg: N_SAMPLES - int(np.ceil(N_SAMPLES * cfg.test_fraction)),
+        materialize=_materialize,
+        load=_load,
+        source="sklearn.datasets.load_digits (embedded in scikit-learn)",
+    )
+)

@@ -1,0 +1,115 @@
+"""The four pipeline steps as plain functions: stage -> partition -> simulate -> report.
+
+The CLI (one step per DVC stage), the Prefect flow (``flows/``) and ``flwr run`` all call these; none of
+them holds logic of its own. Outputs are content-addressed (stage, partition) or per run id (simulate,
+report), and every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fedtail import io
+from fedtail import staging as _staging
+from fedtail.config import FedtailConfig
+from fedtail.partition import partition_labels, write_partition
+from fedtail.protocol import Job
+from fedtail.registry import ENGINES
+from fedtail.tasks import schedule_from_config
+
+CLIENT_APP = "clients.app:app"
+
+
+def _under(root: Path, sub: str) -> Path:
+    p = Path(sub)
+    return p if p.is_absolute() else Path(root) / p
+
+
+def cache_key_stage(cfg: FedtailConfig, root: Path = Path(".")) -> str:
+    """Data version (md5 in data.dvc) + dataset parameters: what the staged arrays depend on."""
+    return f"stage-{_staging.data_md5(root)}-{cfg.fingerprint('dataset')}"
+
+
+def stage(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
+    """Check/restore the DVC-versioned raw data and write normalised train/test arrays."""
+    return _staging.stage(cfg, Path(root))
+
+
+def cache_key_partition(cfg: FedtailConfig, staged_dir: Path) -> str:
+    meta = _staging.staged_meta(staged_dir)
+    return (
+        "partition-"
+        + cfg.fingerprint("seed", "partition", "tasks", "federation.num_clients")
+        + "-"
+        + str(meta.get("data_md5", ""))[:12]
+        + "-"
+        + Path(staged_dir).name
+    )
+
+
+def partition(cfg: FedtailConfig, staged_dir: Path, root: Path = Path(".")) -> Path:
+    """Long tail + non-IID client split + task schedule; idempotent per cache key."""
+    out = _under(root, cfg.output.artifacts_dir) / "partitions" / cache_key_partition(cfg, staged_dir)
+    if (out / "DONE").is_file():
+        return out
+    splits = _staging.load_staged(staged_dir)
+    result = partition_labels(splits.y_train, cfg.num_classes, cfg)
+    schedule = schedule_from_config(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_partition(result, schedule, len(splits.y_train), tmp)
+        io.write_text(tmp / "DONE", json.dumps({"staged_dir": str(Path(staged_dir).resolve())}) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def new_run_dir(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
+    """``runs/<run-id>``: the configured id, else UTC time + config hash (sortable, unique per config)."""
+    run_id = cfg.output.run_id or f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{cfg.fingerprint()[:8]}"
+    return _under(root, cfg.output.runs_dir) / run_id
+
+
+def simulate(
+    cfg: FedtailConfig,
+    staged_dir: Path,
+    partition_dir: Path,
+    run_dir: Path,
+    on_round: Callable[[dict], None] | None = None,
+) -> Path:
+    """Run the federation on the configured engine; resumes from ``run_dir/checkpoint`` if present."""
+    from server.app import build_server_app, write_run_header
+    from server.recorder import read_checkpoint_state
+
+    job = Job(cfg, Path(staged_dir).resolve(), Path(partition_dir).resolve())
+    run_dir = Path(run_dir)
+    read_checkpoint_state(run_dir, cfg)  # a foreign checkpoint fails here, before anything is written
+    write_run_header(job, run_dir)
+    start = time.perf_counter()
+    server_app = build_server_app(job, run_dir, on_round)
+    ENGINES.get(cfg.engine.name)(server_app, CLIENT_APP, cfg)
+    if not (run_dir / "metrics.json").is_file():
+        raise RuntimeError(f"the federation ended without writing {run_dir / 'metrics.json'}")
+    io.write_json(
+        run_dir / "timing.json", {"engine": cfg.engine.name, "simulate_seconds": time.perf_counter() - start}
+    )
+    return run_dir
+
+
+def report(run_dir: Path) -> Path:
+    """Plots and ``report.md`` for a finished run; returns the report path."""
+    from fedtail.report import write_report
+
+    return write_report(Path(run_dir))

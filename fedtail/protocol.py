@@ -1,0 +1,60 @@
+"""What travels in Flower messages between the ServerApp and the ClientApps.
+
+The server sends the whole `Job` (resolved config + where the staged data and partitions lie) in every
+message's ConfigRecord, so a ClientApp needs nothing from its node's run-config: the same apps run
+unchanged in-process, on Ray, and under ``flwr run``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtail.config import FedtailConfig, build_config
+
+# Record keys
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+INFO = "info"
+
+# ConfigRecord / MetricRecord entries
+JOB = "job"
+PARTITION_ID = "partition-id"
+CLASS_COUNTS = "class-counts"
+CLASS_PRIOR = "class-prior"
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TASK = "task"
+GLOBAL_ROUND = "global-round"
+SERVER_ROUND = "server-round"
+
+# Node config key Flower's simulation engine sets (we set the same in the in-process engine).
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a ClientApp needs to train: config plus absolute data locations."""
+
+    config: FedtailConfig
+    staged_dir: Path
+    partition_dir: Path
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "config": self.config.model_dump(mode="json"),
+                "staged_dir": str(self.staged_dir.resolve()),
+                "partition_dir": str(self.partition_dir.resolve()),
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Job:
+        data: dict[str, Any] = json.loads(text)
+        return cls(build_config(data["config"]), Path(data["staged_dir"]), Path(data["partition_dir"]))

@@ -1,0 +1,330 @@
+"""Plots and ``report.md`` for a finished run folder, read back from the files the run wrote.
+
+The report only reads files (``rounds.csv``, ``metrics.json``, ``accuracy_matrix.csv``, ...), so it can be
+rebuilt for any old run, by DVC's report stage, the Prefect flow or by hand. Figures use the Agg canvas
+directly (no pyplot global state), and every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from fedtail import io
+
+PLOTS_DIR = "plots"
+PLOT_FILES = {
+    "balanced_accuracy": "balanced_accuracy.png",
+    "per_class_recall": "per_class_recall.png",
+    "accuracy_matrix": "accuracy_matrix.png",
+    "partition": "partition.png",
+}
+RECALL_PREFIX = "recall_"
+
+
+# ---- reading a run folder ------------------------------------------------------------------------
+def _need(run_dir: Path, name: str) -> Path:
+    path = run_dir / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not a finished fedtail run folder")
+    return path
+
+
+def read_rounds(run_dir: Path) -> pd.DataFrame:
+    """``rounds.csv`` as a frame; recall columns of classes not seen yet are NaN."""
+    frame = pd.read_csv(_need(Path(run_dir), "rounds.csv"))
+    if frame.empty:
+        raise ValueError(f"{Path(run_dir) / 'rounds.csv'} has no rounds")
+    return frame
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    return json.loads(_need(Path(run_dir), "metrics.json").read_text())
+
+
+def read_accuracy_matrix(run_dir: Path) -> pd.DataFrame | None:
+    path = Path(run_dir) / "accuracy_matrix.csv"
+    return pd.read_csv(path, index_col="after_task") if path.is_file() else None
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """The resolved config as plain data; not re-validated, so old runs still report."""
+    path = Path(run_dir) / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def read_schedule(run_dir: Path) -> list[list[int]] | None:
+    path = Path(run_dir) / "schedule.json"
+    return [list(t) for t in json.loads(path.read_text())["tasks"]] if path.is_file() else None
+
+
+def class_totals(run_dir: Path) -> pd.Series | None:
+    """Training samples per class summed over clients (after the long tail), from partition_stats.csv."""
+    path = Path(run_dir) / "partition_stats.csv"
+    if not path.is_file():
+        return None
+    stats = pd.read_csv(path, index_col=0)
+    counts = stats.drop(columns=["total"], errors="ignore").sum(axis=0)
+    counts.index = counts.index.astype(int)
+    return counts.astype(int)
+
+
+def final_recall(rounds: pd.DataFrame) -> pd.Series:
+    """Per-class recall of the last round, indexed by class id."""
+    cols = [c for c in rounds.columns if c.startswith(RECALL_PREFIX)]
+    last = rounds.iloc[-1][cols].astype(float)
+    last.index = [int(c.removeprefix(RECALL_PREFIX)) for c in cols]
+    return last
+
+
+def rounds_table(run_dir: Path) -> list[dict[str, Any]]:
+    """``rounds.csv`` rows without the per-class recalls, NaN as None (JSON-safe, e.g. for a UI table)."""
+    rounds = read_rounds(run_dir)
+    frame = rounds[[c for c in rounds.columns if not c.startswith(RECALL_PREFIX)]]
+    return [{k: None if _isnan(v) else v for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+def _isnan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+# ---- formatting ----------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float | np.floating):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3g}"
+    if isinstance(value, np.integer):
+        return str(int(value))
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _config_essentials(cfg: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The settings that tell runs apart, as (dotted key, value); missing keys are skipped."""
+    keys = (
+        "seed",
+        "dataset.name",
+        "partition.method",
+        "partition.alpha",
+        "partition.imbalance_factor",
+        "partition.labeled_fraction",
+        "tasks.classes_per_task",
+        "federation.num_clients",
+        "federation.rounds_per_task",
+        "federation.fraction_train",
+        "strategy.name",
+        "strategy.options",
+        "train.objective",
+        "train.epochs",
+        "train.optimizer",
+        "train.lr",
+        "continual.method",
+        "model.name",
+        "engine.name",
+    )
+    out = []
+    for key in keys:
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and node != {}:
+            out.append((key, node))
+    return out
+
+
+def summary_markdown(run_dir: Path) -> str:
+    """Metrics, config essentials, accuracy matrix and last round as markdown (no images).
+
+    Shared by ``report.md`` and the Prefect markdown artifact, where relative image links would not load.
+    """
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir)
+    rounds = read_rounds(run_dir)
+    matrix = read_accuracy_matrix(run_dir)
+    parts = [
+        f"# fedtail run `{run_dir.name}`",
+        "## Metrics",
+        _table(["metric", "value"], list(metrics.items())),
+    ]
+    essentials = _config_essentials(read_config(run_dir))
+    if essentials:
+        parts += ["## Configuration", _table(["setting", "value"], essentials)]
+    if matrix is not None:
+        parts += [
+            "## Accuracy matrix",
+            "Row *i*: accuracy on each task's test classes after training task *i* (– = not trained yet).",
+            _table(
+                ["after task", *matrix.columns],
+                [[f"task_{i}", *row] for i, row in zip(matrix.index, matrix.to_numpy(), strict=True)],
+            ),
+        ]
+    last = rounds.iloc[-1:].to_dict("records")[0]  # keeps each column's dtype (ints stay ints)
+    main = [(c, v) for c, v in last.items() if not c.startswith(RECALL_PREFIX)]
+    parts += ["## Last round", _table(["column", "value"], main)]
+    recall = final_recall(rounds)
+    if len(recall):
+        parts += [
+            "Per-class recall:",
+            _table(["class", *map(str, recall.index)], [["recall", *recall.to_numpy()]]),
+        ]
+    return "\n\n".join(parts) + "\n"
+
+
+# ---- figures -------------------------------------------------------------------------------------
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    return io.write_with(path, functools.partial(fig.savefig, format="png", dpi=110))
+
+
+def plot_accuracy_curve(rounds: pd.DataFrame, schedule: list[list[int]] | None, path: Path) -> Path:
+    """Balanced vs plain accuracy per global round; dashed lines mark where a new task starts."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(8.0, 4.2)
+    ax = fig.add_subplot()
+    x = rounds["global_round"].to_numpy()
+    ax.plot(x, rounds["balanced_accuracy"], marker="o", ms=3, label="balanced accuracy")
+    ax.plot(x, rounds["accuracy"], marker="s", ms=3, alpha=0.7, label="accuracy")
+    ax.set_xlim(x.min() - 0.5, x.max() + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("global round")
+    ax.set_ylabel("score on seen classes")
+    ax.set_ylim(0.0, 1.15)
+    ax.grid(alpha=0.3)
+    spans = rounds.groupby("task")["global_round"].agg(["min", "max"])
+    for task, (lo, hi) in spans.iterrows():
+        if lo > x.min():
+            ax.axvline(lo - 0.5, color="grey", ls="--", lw=1)
+        label = f"task {task}"
+        if schedule is not None and task < len(schedule) and len(schedule[task]) <= 4:
+            label += "\n" + ",".join(map(str, schedule[task]))
+        ax.text((lo + hi) / 2, 1.13, label, ha="center", va="top", fontsize=8, color="dimgrey")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title("Accuracy on the classes seen so far")
+    return _save(fig, path)
+
+
+def plot_per_class_recall(recall: pd.Series, totals: pd.Series | None, path: Path) -> Path:
+    """Final recall per class, head to tail by training count: the long-tail effect in one picture."""
+    order = list(recall.index)
+    if totals is not None:
+        order = sorted(order, key=lambda c: (-int(totals.get(c, 0)), c))
+    n = len(order)
+    fig = _figure(min(3.0 + 0.45 * n, 20.0), 4.2)
+    ax = fig.add_subplot()
+    values = np.nan_to_num(recall.loc[order].to_numpy(dtype=float), nan=0.0)
+    bars = ax.bar(range(n), values, color="tab:blue")
+    ax.set_xticks(range(n), [str(c) for c in order], rotation=90 if n > 20 else 0, fontsize=8)
+    ax.set_xlabel("class (head → tail)" if totals is not None else "class")
+    ax.set_ylabel("final recall")
+    ax.set_ylim(0.0, 1.15)
+    ax.grid(axis="y", alpha=0.3)
+    if totals is not None:
+        for bar, c in zip(bars, order, strict=True):
+            ax.text(
+                bar.get_x() + bar.get_width() / 2,
+                bar.get_height() + 0.02,
+                f"n={int(totals.get(c, 0))}",
+                ha="center",
+                va="bottom",
+                fontsize=6 if n > 20 else 7,
+                rotation=90 if n > 20 else 0,
+            )
+    for i, c in enumerate(order):
+        if math.isnan(float(recall.loc[c])):
+            ax.text(i, 0.02, "n/a", ha="center", va="bottom", fontsize=7, color="grey")
+    ax.set_title("Per-class recall after the last round (n = training samples of the class)")
+    return _save(fig, path)
+
+
+def plot_accuracy_matrix(matrix: pd.DataFrame, path: Path) -> Path:
+    """T x T heatmap of task accuracies; cells of tasks not trained yet stay blank."""
+    values = matrix.to_numpy(dtype=float)
+    t = values.shape[0]
+    side = min(2.5 + 0.7 * t, 14.0)
+    fig = _figure(side + 1.0, side)
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(values), vmin=0.0, vmax=1.0, cmap="viridis")
+    fig.colorbar(image, ax=ax, label="accuracy")
+    ax.set_xticks(range(values.shape[1]), [str(j) for j in range(values.shape[1])])
+    ax.set_yticks(range(t), [str(i) for i in range(t)])
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("after training task")
+    if t <= 20:
+        for (i, j), v in np.ndenumerate(values):
+            if not math.isnan(v):
+                colour = "black" if v > 0.5 else "white"
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=colour)
+    ax.set_title("Accuracy matrix")
+    return _save(fig, path)
+
+
+# ---- the report ----------------------------------------------------------------------------------
+def write_plots(run_dir: Path) -> dict[str, Path]:
+    """Every figure the run's files allow; returns name -> path of those written."""
+    run_dir = Path(run_dir)
+    out = run_dir / PLOTS_DIR
+    rounds = read_rounds(run_dir)
+    written = {
+        "balanced_accuracy": plot_accuracy_curve(
+            rounds, read_schedule(run_dir), out / PLOT_FILES["balanced_accuracy"]
+        ),
+        "per_class_recall": plot_per_class_recall(
+            final_recall(rounds), class_totals(run_dir), out / PLOT_FILES["per_class_recall"]
+        ),
+    }
+    matrix = read_accuracy_matrix(run_dir)
+    if matrix is not None:
+        written["accuracy_matrix"] = plot_accuracy_matrix(matrix, out / PLOT_FILES["accuracy_matrix"])
+    heatmap = run_dir / "partition_heatmap.png"
+    if heatmap.is_file():
+        written["partition"] = io.write_bytes(out / PLOT_FILES["partition"], heatmap.read_bytes())
+    return written
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``plots/*.png`` and ``report.md`` (summary plus relative image links); returns its path."""
+    run_dir = Path(run_dir)
+    summary = summary_markdown(run_dir)  # fails early, before any file is written, on a bad run folder
+    plots = write_plots(run_dir)
+    captions = {
+        "balanced_accuracy": "Balanced accuracy and accuracy per round",
+        "per_class_recall": "Final per-class recall, head to tail",
+        "accuracy_matrix": "Accuracy matrix",
+        "partition": "Client x class partition",
+    }
+    figures = [
+        f"### {captions[name]}\n\n![{captions[name]}]({path.relative_to(run_dir).as_posix()})"
+        for name, path in plots.items()
+    ]
+    body = summary + "\n## Plots\n\n" + "\n\n".join(figures) + "\n"
+    timing = run_dir / "timing.json"
+    if timing.is_file():
+        rows = list(json.loads(timing.read_text()).items())
+        body += "\n## Timing\n\n" + _table(["item", "value"], rows) + "\n"
+    return io.write_text(run_dir / "report.md", body)

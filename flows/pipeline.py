@@ -1,0 +1,171 @@
+"""The fedtail pipeline as a Prefect flow: stage -> partition -> simulate -> report.
+
+Each task is a thin wrapper around a plain function of `fedtail.pipeline`; Prefect adds what plain calls
+lack: cross-run caching of the data steps, a progress bar and per-round log lines while the federation
+trains, and the report as UI artifacts. The config is validated in the flow body before any task runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+
+from fedtail import pipeline
+from fedtail.config import FedtailConfig, load_config
+from fedtail.report import rounds_table, summary_markdown
+
+log = logging.getLogger(__name__)
+
+REPORT_ARTIFACT = "fedtail-report"
+ROUNDS_ARTIFACT = "fedtail-rounds"
+PROGRESS_ARTIFACT = "fedtail-progress"
+
+
+# ---- caching -------------------------------------------------------------------------------------
+@dataclass
+class OutputDirCache(CachePolicy):
+    """Cache a task that returns a content-addressed directory, keyed on ``key_fn(task inputs)``.
+
+    Prefect would happily return a cached path whose directory someone deleted since (``rm -rf
+    artifacts/``). Before Prefect looks the key up, this policy reads the stored record itself: if the path
+    it holds is gone, the key is None, so the task runs again (and is not persisted). Because the
+    directory is content-addressed, the rerun recreates the same path and the old record is valid again.
+    """
+
+    key_fn: Callable[[dict[str, Any]], str] | None = None
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        if self.key_fn is None:
+            raise ValueError("OutputDirCache needs a key_fn")
+        key = re.sub(r"[^A-Za-z0-9._-]", "_", f"fedtail-{self.key_fn(inputs)}")
+        store = task_ctx.result_store
+        if store.exists(key):
+            cached = store.read(key).result
+            if not Path(cached).is_dir():
+                log.warning("cached output %s no longer exists; running %s again", cached, task_ctx.task.name)
+                return None
+        return key
+
+
+def _location(cfg: FedtailConfig, root: Path) -> str:
+    """Hash of where outputs land, so two project checkouts never share a cached path."""
+    where = [str(Path(root).resolve()), cfg.output.data_dir, cfg.output.artifacts_dir]
+    return hashlib.sha256(json.dumps(where).encode()).hexdigest()[:10]
+
+
+def stage_key(inputs: dict[str, Any]) -> str:
+    cfg, root = inputs["cfg"], Path(inputs["root"])
+    return f"{pipeline.cache_key_stage(cfg, root)}-{_location(cfg, root)}"
+
+
+def partition_key(inputs: dict[str, Any]) -> str:
+    cfg, root = inputs["cfg"], Path(inputs["root"])
+    return f"{pipeline.cache_key_partition(cfg, Path(inputs['staged_dir']))}-{_location(cfg, root)}"
+
+
+STAGE_CACHE = OutputDirCache(key_fn=stage_key)
+PARTITION_CACHE = OutputDirCache(key_fn=partition_key)
+
+
+# ---- per-round progress (plain functions) --------------------------------------------------------
+def round_progress(row: dict[str, Any], total_rounds: int) -> float:
+    """Percent done after ``row``; ``global_round`` counts rounds over all tasks, so resumes are right."""
+    return min(100.0, 100.0 * int(row["global_round"]) / max(total_rounds, 1))
+
+
+def round_message(row: dict[str, Any], num_tasks: int, rounds_per_task: int) -> str:
+    return (
+        f"task {int(row['task']) + 1}/{num_tasks} round {int(row['round'])}/{rounds_per_task} "
+        f"balanced_acc={float(row['balanced_accuracy']):.4f} acc={float(row['accuracy']):.4f}"
+    )
+
+
+# ---- tasks ---------------------------------------------------------------------------------------
+@task(name="stage", cache_policy=STAGE_CACHE, persist_result=True)
+def stage_task(cfg: FedtailConfig, root: Path) -> Path:
+    return pipeline.stage(cfg, root).resolve()
+
+
+@task(name="partition", cache_policy=PARTITION_CACHE, persist_result=True)
+def partition_task(cfg: FedtailConfig, staged_dir: Path, root: Path) -> Path:
+    return pipeline.partition(cfg, staged_dir, root).resolve()
+
+
+@task(name="simulate", cache_policy=NO_CACHE, persist_result=False)
+def simulate_task(cfg: FedtailConfig, staged_dir: Path, partition_dir: Path, run_dir: Path) -> Path:
+    """Train; every round moves the progress artifact and logs one line to the Prefect run log."""
+    logger = get_run_logger()  # captured here: Flower may call on_round from its own thread
+    num_tasks, rounds = cfg.num_tasks, cfg.federation.rounds_per_task
+    total = num_tasks * rounds
+    progress_id = create_progress_artifact(
+        0.0, key=PROGRESS_ARTIFACT, description=f"{run_dir.name}: rounds done of {total}"
+    )
+
+    def on_round(row: dict[str, Any]) -> None:
+        logger.info(round_message(row, num_tasks, rounds))
+        try:
+            update_progress_artifact(progress_id, round_progress(row, total))
+        except Exception as err:  # a UI progress bar must never stop hours of training
+            logger.warning("progress artifact not updated: %s", err)
+
+    return pipeline.simulate(cfg, staged_dir, partition_dir, run_dir, on_round)
+
+
+@task(name="report", cache_policy=NO_CACHE, persist_result=False)
+def report_task(run_dir: Path) -> Path:
+    report = pipeline.report(run_dir)
+    create_markdown_artifact(summary_markdown(run_dir), key=REPORT_ARTIFACT, description=str(report))
+    create_table_artifact(rounds_table(run_dir), key=ROUNDS_ARTIFACT, description="metrics per round")
+    return report
+
+
+# ---- flow ----------------------------------------------------------------------------------------
+def _run_name() -> str:
+    """``<dataset>-<strategy>-<continual method>``; never raises, so a bad config fails in the flow body."""
+    params = flow_run.parameters
+    try:
+        cfg = load_config(params.get("config_path", "params.yaml"), params.get("overrides") or {})
+    except Exception:  # a name must not crash the run before the flow body reports the error
+        return "fedtail-invalid-config"
+    return f"{cfg.dataset.name}-{cfg.strategy.name}-{cfg.continual.method}"
+
+
+@flow(name="fedtail-pipeline", flow_run_name=_run_name)
+def fl_pipeline(
+    config_path: str = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    root: str = ".",
+) -> str:
+    """Run the whole experiment; returns the run folder. Data steps are cached across runs."""
+    cfg = load_config(config_path, overrides or {})
+    root_dir = Path(root).resolve()
+    staged = stage_task(cfg, root_dir)
+    parts = partition_task(cfg, staged, root_dir)
+    run_dir = pipeline.new_run_dir(cfg, root_dir)
+    simulate_task(cfg, staged, parts, run_dir)
+    report_task(run_dir)
+    return str(run_dir)

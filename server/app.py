@@ -1,0 +1,197 @@
+"""The fedtail ServerApp (Flower Message API): tasks x rounds of federated class-incremental training.
+
+For each task of the schedule the configured strategy runs ``rounds_per_task`` rounds (Flower's
+``Strategy.start``); after every round the global model is evaluated server-side on the test set, the
+row is recorded and checkpointed; after every task the accuracy-matrix row is written.
+
+`build_server_app(job, run_dir, on_round)` binds a prepared job (used by the in-process and Ray
+engines); the module-level ``app`` is what ``flwr run .`` loads: it reads the config from Flower's
+run-config and prepares data and partitions itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from fedtail.staging import load_staged, staged_meta
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedtail import io
+from fedtail import protocol as P
+from fedtail.config import from_run_config
+from fedtail.models import build_model, resolve_device, to_arrays
+from fedtail.partition import load_schedule
+from fedtail.registry import STRATEGIES
+from server.evaluation import Evaluator
+from server.recorder import RunRecorder
+
+log = logging.getLogger("fedtail")
+
+OnRound = Callable[[dict], None]
+
+
+def discover_clients(grid: Grid, job: P.Job, timeout: float) -> tuple[dict[int, int], np.ndarray]:
+    """Ask every node once for its partition id and class counts (a QUERY message).
+
+    Returns ``{partition_id: node_id}`` and the clients x classes count matrix.
+    """
+    n = job.config.federation.num_clients
+    deadline = time.monotonic() + timeout
+    while len(node_ids := list(grid.get_node_ids())) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(node_ids)} of federation.num_clients={n} nodes connected")
+        time.sleep(0.2)
+    content = RecordDict({P.CONFIG: ConfigRecord({P.JOB: job.to_json()})})
+    messages = [
+        Message(content=content, dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    errors = [r.error.reason for r in replies if r.has_error()]
+    if errors or len(replies) != len(node_ids):
+        raise RuntimeError(f"client discovery failed ({len(replies)}/{len(node_ids)} replies): {errors[:3]}")
+    node_of: dict[int, int] = {}
+    counts = np.zeros((n, job.config.num_classes), dtype=np.int64)
+    for reply in replies:
+        info = reply.content[P.INFO]
+        pid = int(info[P.PARTITION_ID])
+        node_of[pid] = reply.metadata.src_node_id
+        if 0 <= pid < n:
+            counts[pid] = np.asarray(info[P.CLASS_COUNTS], dtype=np.int64)
+    if sorted(node_of) != list(range(n)):
+        raise ValueError(
+            f"federation.num_clients={n} but the connected nodes hold partitions {sorted(node_of)}; "
+            "run exactly one node per client (flwr: options.num-supernodes)"
+        )
+    return node_of, counts
+
+
+def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | None = None) -> dict:
+    """The server loop over tasks and rounds; returns the final metrics (also in metrics.json)."""
+    cfg = job.config
+    schedule = load_schedule(job.partition_dir)
+    meta = staged_meta(job.staged_dir)
+    device = resolve_device(cfg.engine.device)
+    model = build_model(cfg.model_name(), meta["input_shape"], cfg.num_classes, cfg.model.hidden, cfg.seed)
+    evaluator = Evaluator(model, load_staged(job.staged_dir), device)
+    node_of, counts = discover_clients(grid, job, cfg.engine.timeout)
+    prior = counts.sum(axis=0) / max(int(counts.sum()), 1)
+    recorder = RunRecorder(run_dir, cfg, schedule)
+    arrays = recorder.arrays or to_arrays(model)
+    strategy = STRATEGIES.get(cfg.strategy.name).from_config(cfg, node_of)
+    rounds, n_tasks = cfg.federation.rounds_per_task, schedule.num_tasks
+
+    for t in range(recorder.tasks_done, n_tasks):
+        done = recorder.rounds_done_in_task(t)
+        seen = schedule.seen_classes(t)
+        strategy.round_offset = t * rounds + done
+        train_config = ConfigRecord(
+            {
+                P.JOB: job.to_json(),
+                P.TASK: t,
+                "task-classes": list(schedule.tasks[t]),
+                "seen-classes": seen,
+                P.CLASS_PRIOR: prior.tolist(),
+            }
+        )
+
+        def evaluate_fn(server_round: int, arrays, t=t, done=done, seen=seen) -> MetricRecord | None:
+            if server_round == 0:
+                return None
+            r = done + server_round
+            res = evaluator.evaluate(arrays, seen, schedule.tasks[: t + 1])
+            recall = {
+                f"recall_{c}": res["per_class_recall"].get(c, float("nan")) for c in range(cfg.num_classes)
+            }
+            row = {
+                "task": t,
+                "round": r,
+                "global_round": t * rounds + r,
+                "num_clients": len(strategy.last_sampled),
+                "train_loss": strategy.last_train_loss,
+                "accuracy": res["accuracy"],
+                "balanced_accuracy": res["balanced_accuracy"],
+                "macro_f1": res["macro_f1"],
+                "num_seen_classes": len(seen),
+                **recall,
+            }
+            recorder.record_round(row, arrays)
+            log.info(
+                "task %d/%d round %d/%d  balanced_acc=%.4f  acc=%.4f  macro_f1=%.4f",
+                t + 1,
+                n_tasks,
+                r,
+                rounds,
+                res["balanced_accuracy"],
+                res["accuracy"],
+                res["macro_f1"],
+            )
+            if on_round is not None:
+                on_round(dict(row, num_tasks=n_tasks, rounds_per_task=rounds))
+            return MetricRecord({k: float(row[k]) for k in ("accuracy", "balanced_accuracy", "macro_f1")})
+
+        if done < rounds:
+            result = strategy.start(
+                grid,
+                arrays,
+                num_rounds=rounds - done,
+                timeout=cfg.engine.timeout,
+                train_config=train_config,
+                evaluate_fn=evaluate_fn,
+            )
+            arrays = recorder.arrays if recorder.arrays is not None else result.arrays
+        final = evaluator.evaluate(arrays, seen, schedule.tasks[: t + 1])
+        recorder.end_task(t, final["task_accuracies"])
+
+    state_dict = arrays.to_torch_state_dict()
+    return recorder.finish(state_dict, strategy.client_info)
+
+
+def write_run_header(job: P.Job, run_dir: Path) -> None:
+    """Resolved config and the partition's tables, so a run folder explains itself."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    io.write_text(run_dir / "config.yaml", job.config.to_yaml())
+    for src, dst in (
+        ("stats.csv", "partition_stats.csv"),
+        ("heatmap.png", "partition_heatmap.png"),
+        ("schedule.json", "schedule.json"),
+    ):
+        path = job.partition_dir / src
+        if path.is_file():
+            io.write_bytes(run_dir / dst, path.read_bytes())
+
+
+def build_server_app(job: P.Job, run_dir: Path, on_round: OnRound | None = None) -> ServerApp:
+    """A ServerApp bound to a prepared job (in-process and Ray engines)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, job, run_dir, on_round)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def flwr_main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: config from run-config, then the whole pipeline."""
+    from fedtail import pipeline
+
+    run_config = dict(context.run_config)
+    root = Path(str(run_config.pop("root", "") or ".")).resolve()
+    cfg = from_run_config(run_config, root)
+    staged = pipeline.stage(cfg, root)
+    parts = pipeline.partition(cfg, staged, root)
+    run_dir = pipeline.new_run_dir(cfg, root)
+    job = P.Job(cfg, staged, parts)
+    write_run_header(job, run_dir)
+    run_federation(grid, job, run_dir)
+    pipeline.report(run_dir)
+    log.info("report: %s", run_dir / "report.md")

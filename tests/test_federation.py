@@ -1,0 +1,92 @@
+"""End-to-end federation: same ServerApp/ClientApp on the in-process and Ray engines, client state,
+resume after a crash."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedtail import pipeline
+from tests.conftest import smoke_config
+
+
+def _run(project: Path, run_id: str, **overrides) -> tuple[Path, dict]:
+    cfg = smoke_config(project, **{"output.run_id": run_id, **overrides})
+    staged = pipeline.stage(cfg, project)
+    parts = pipeline.partition(cfg, staged, project)
+    run_dir = pipeline.simulate(cfg, staged, parts, pipeline.new_run_dir(cfg, project))
+    return run_dir, json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def inprocess_run(project: Path) -> tuple[Path, dict]:
+    return _run(project, "inprocess")
+
+
+def test_inprocess_run_writes_every_output(inprocess_run: tuple[Path, dict]) -> None:
+    run_dir, metrics = inprocess_run
+    for name in (
+        "config.yaml",
+        "rounds.csv",
+        "metrics.json",
+        "accuracy_matrix.csv",
+        "model.pt",
+        "partition_stats.csv",
+        "partition_heatmap.png",
+        "clients.csv",
+        "timing.json",
+    ):
+        assert (run_dir / name).is_file(), name
+    rounds = pd.read_csv(run_dir / "rounds.csv")
+    assert len(rounds) == 2 * 2  # 2 tasks x 2 rounds (configs/smoke.yaml)
+    assert list(rounds["global_round"]) == [1, 2, 3, 4]
+    assert rounds["balanced_accuracy"].between(0, 1).all()
+    assert 0.0 <= metrics["final_balanced_accuracy"] <= 1.0
+    matrix = pd.read_csv(run_dir / "accuracy_matrix.csv", index_col="after_task")
+    assert matrix.shape == (2, 2) and pd.isna(matrix.iloc[0, 1])
+
+
+def test_client_state_persists_across_rounds_and_tasks(inprocess_run: tuple[Path, dict]) -> None:
+    clients = pd.read_csv(inprocess_run[0] / "clients.csv")
+    # fraction_train = 1: every client trained in all 4 rounds; its context.state counted them.
+    assert list(clients["rounds-trained"]) == [4, 4, 4]
+    assert all(s == "[0, 1]" for s in clients["tasks-seen"])
+
+
+def test_ray_engine_gives_identical_metrics(project: Path, inprocess_run: tuple[Path, dict]) -> None:
+    ray_dir, ray_metrics = _run(project, "ray", **{"engine.name": "ray"})
+    _, metrics = inprocess_run
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            assert ray_metrics[key] == pytest.approx(value, abs=1e-6), key
+        else:
+            assert ray_metrics[key] == value, key
+    clients = pd.read_csv(ray_dir / "clients.csv")
+    assert list(clients["rounds-trained"]) == [4, 4, 4]
+
+
+def test_crashed_run_resumes_to_the_same_result(project: Path, inprocess_run: tuple[Path, dict]) -> None:
+    cfg = smoke_config(project, **{"output.run_id": "crashy"})
+    staged = pipeline.stage(cfg, project)
+    parts = pipeline.partition(cfg, staged, project)
+    run_dir = pipeline.new_run_dir(cfg, project)
+
+    def crash_after_third(row: dict) -> None:
+        if row["global_round"] == 3:
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.simulate(cfg, staged, parts, run_dir, on_round=crash_after_third)
+    assert not (run_dir / "metrics.json").exists()
+    assert len(pd.read_csv(run_dir / "rounds.csv")) == 3
+    pipeline.simulate(cfg, staged, parts, run_dir)
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    assert resumed == inprocess_run[1]
+
+
+def test_worker_pool_matches_sequential(project: Path, inprocess_run: tuple[Path, dict]) -> None:
+    _, pooled = _run(project, "pool", **{"engine.workers": 2})
+    assert pooled == inprocess_run[1]

@@ -1,0 +1,190 @@
+"""The Prefect layer: cache policy, progress helpers, deployment schedules, and whole flow runs.
+
+Flow runs use one temporary Prefect server for the session (about 7 s to start here) and a temporary
+result store, so nothing lands in ``~/.prefect``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.filesystems import LocalFileSystem
+from prefect.results import ResultStore
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+from fedtail.config import ConfigError, load_config
+from fedtail.staging import ensure_raw
+from flows.pipeline import (
+    OutputDirCache,
+    _location,
+    fl_pipeline,
+    round_message,
+    round_progress,
+)
+from flows.serve import build_deployment
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One temporary Prefect API for all flow tests, with results stored in a temp folder."""
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with (
+        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}),
+        prefect_test_harness(server_startup_timeout=180),
+    ):
+        yield
+
+
+def task_states(flow_state: Any, expected: int, timeout: float = 60.0) -> dict[str, str]:
+    """Task name -> final state name of one flow run, read back from the API.
+
+    Task run states reach the server as events, a moment after the flow returns: poll until all are in.
+    """
+    flow_run_id = flow_state.state_details.flow_run_id
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            done = [r for r in runs if r.state is not None and r.state.type.value in FINAL]
+            if len(done) >= expected or time.monotonic() > deadline:
+                return {r.name.split("-")[0]: r.state.name for r in done}
+            time.sleep(0.5)
+
+
+# ---- plain helpers (no server) -------------------------------------------------------------------
+def _policy_ctx(tmp_path: Path) -> SimpleNamespace:
+    store = ResultStore(result_storage=LocalFileSystem(basepath=str(tmp_path / "store")))
+    return SimpleNamespace(result_store=store, task=SimpleNamespace(name="stage"))
+
+
+def test_output_dir_cache_key_is_stable_and_none_when_output_is_gone(tmp_path: Path) -> None:
+    ctx = _policy_ctx(tmp_path)
+    policy = OutputDirCache(key_fn=lambda inputs: f"stage-{inputs['x']}")
+    key = policy.compute_key(ctx, {"x": "a/b"}, {})
+    assert key == policy.compute_key(ctx, {"x": "a/b"}, {})  # no record yet: a key, so the run persists
+    assert key != policy.compute_key(ctx, {"x": "c"}, {})
+    assert key is not None and "/" not in key  # keys become file names in the result store
+
+    out = tmp_path / "artifacts" / "staged"
+    out.mkdir(parents=True)
+    ctx.result_store.write(out, key=key)
+    assert policy.compute_key(ctx, {"x": "a/b"}, {}) == key  # cached path exists: cache hit allowed
+
+    shutil.rmtree(tmp_path / "artifacts")
+    assert policy.compute_key(ctx, {"x": "a/b"}, {}) is None  # gone: no cache, the task runs again
+
+    out.mkdir(parents=True)  # the rerun recreates the content-addressed path
+    assert policy.compute_key(ctx, {"x": "a/b"}, {}) == key
+
+
+def test_cache_location_separates_project_roots(tmp_path: Path) -> None:
+    cfg = load_config(SMOKE)
+    assert _location(cfg, tmp_path / "a") != _location(cfg, tmp_path / "b")
+    assert _location(cfg, tmp_path / "a") == _location(cfg, tmp_path / "a")
+
+
+def test_round_progress_and_message() -> None:
+    row = {"task": 1, "round": 2, "global_round": 6, "balanced_accuracy": 0.51234, "accuracy": 0.6}
+    assert round_progress(row, total_rounds=8) == pytest.approx(75.0)
+    assert round_progress({**row, "global_round": 9}, total_rounds=8) == 100.0
+    assert round_message(row, num_tasks=2, rounds_per_task=4) == (
+        "task 2/2 round 2/4 balanced_acc=0.5123 acc=0.6000"
+    )
+
+
+def test_deployment_has_one_cron_schedule_per_entry(tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text("serve: {name: nightly, cron: ['0 3 * * *', '30 12 * * 1-5']}\n")
+    deployment = build_deployment(str(config), {"partition.alpha": 0.1}, root=str(tmp_path))
+
+    assert deployment.name == "nightly"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *", "30 12 * * 1-5"]
+    assert deployment.parameters == {
+        "config_path": str(config.resolve()),
+        "overrides": {"partition.alpha": 0.1},
+        "root": str(tmp_path.resolve()),
+    }
+
+
+def test_deployment_rejects_a_bad_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="partition.alpha"):
+        build_deployment(SMOKE, {"partition.alpha": -1})
+
+
+# ---- flow runs (temporary Prefect server) --------------------------------------------------------
+def test_bad_config_fails_before_any_task(prefect_server: None, tmp_path: Path) -> None:
+    state = fl_pipeline(
+        config_path=SMOKE, overrides={"partition.alpha": -1}, root=str(tmp_path), return_state=True
+    )
+    assert state.is_failed()
+    with pytest.raises(ConfigError, match="partition.alpha"):
+        state.result()
+    time.sleep(1.0)  # let any (wrongly) started task run reach the server before asserting there is none
+    assert task_states(state, expected=0, timeout=0) == {}
+    assert not any(tmp_path.iterdir())
+
+
+def test_pipeline_runs_then_caches_data_steps(prefect_server: None, project: Path, tmp_path: Path) -> None:
+    """End to end on digits: run, run again (stage + partition Cached), delete artifacts, run again.
+
+    data.dvc is written first: the stage key holds its md5, so a project's very first run (which creates
+    data.dvc) is keyed apart from the runs after it.
+    """
+    base = {
+        "federation.num_clients": 3,
+        "federation.rounds_per_task": 1,
+        "tasks.classes_per_task": 5,
+        "train.epochs": 1,
+        "output.data_dir": str(project / "data"),
+        "output.artifacts_dir": str(tmp_path / "artifacts"),
+        "output.runs_dir": str(tmp_path / "runs"),
+    }
+
+    ensure_raw(load_config(SMOKE, base), project)
+
+    def run(run_id: str) -> tuple[Path, dict[str, str]]:
+        state = fl_pipeline(
+            config_path=SMOKE,
+            overrides={**base, "output.run_id": run_id},
+            root=str(project),
+            return_state=True,
+        )
+        assert state.is_completed(), state
+        return Path(state.result()), task_states(state, expected=4)
+
+    run_dir, states = run("first")
+    assert run_dir == tmp_path / "runs" / "first"
+    for name in ("metrics.json", "rounds.csv", "report.md", "plots/balanced_accuracy.png"):
+        assert (run_dir / name).is_file(), name
+    assert states == {
+        "stage": "Completed",
+        "partition": "Completed",
+        "simulate": "Completed",
+        "report": "Completed",
+    }
+
+    run_dir, states = run("second")
+    assert (run_dir / "metrics.json").is_file()
+    assert states["stage"] == "Cached" and states["partition"] == "Cached"
+    assert states["simulate"] == "Completed" and states["report"] == "Completed"
+
+    shutil.rmtree(tmp_path / "artifacts")  # a cached path must not outlive its directory
+    run_dir, states = run("third")
+    assert (run_dir / "metrics.json").is_file()
+    assert states["stage"] == "Completed" and states["partition"] == "Completed"
+    assert (tmp_path / "artifacts").is_dir()

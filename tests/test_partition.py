@@ -1,0 +1,264 @@
+"""Partition invariants: long tail, client split, labeled split, and the on-disk round trip."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedtail.config import PartitionConfig, build_config
+from fedtail.partition import (
+    PartitionResult,
+    apply_long_tail,
+    client_class_counts,
+    load_client,
+    load_counts,
+    load_schedule,
+    long_tail_profile,
+    partition_labels,
+    split_labeled,
+    write_partition,
+)
+from fedtail.partition.dirichlet import dirichlet
+from fedtail.partition.iid import iid
+from fedtail.registry import PARTITIONERS
+from fedtail.tasks import make_schedule
+
+C = 10
+
+
+def balanced_labels(per_class: int = 200, num_classes: int = C, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(np.repeat(np.arange(num_classes), per_class))
+
+
+def uneven_labels() -> np.ndarray:
+    """Raw data that is already imbalanced (class c has 150 + 10 c samples), shuffled."""
+    return np.random.default_rng(1).permutation(np.repeat(np.arange(C), 150 + 10 * np.arange(C)))
+
+
+def cfg_for(method: str = "dirichlet", seed: int = 0, num_clients: int = 8, **partition: object):
+    return build_config(
+        {
+            "seed": seed,
+            "federation": {"num_clients": num_clients},
+            "partition": {"method": method, **partition},
+        }
+    )
+
+
+def mean_label_entropy(counts: np.ndarray) -> float:
+    """Mean over non-empty clients of the entropy (nats) of their label distribution."""
+    counts = counts[counts.sum(axis=1) > 0]
+    p = counts / counts.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+    return float(h.mean())
+
+
+# ---- long tail -----------------------------------------------------------------------------------
+def test_profile_matches_cifar10_lt() -> None:
+    """CIFAR-10-LT with imbalance 100 (Cui et al. 2019) keeps these per-class counts of 5000."""
+    expected = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert long_tail_profile(10, 5000, 100.0).tolist() == expected
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.0, 10.0, 50.0])
+def test_profile_shape(factor: float) -> None:
+    p = long_tail_profile(C, 500, factor)
+    assert p.dtype == np.int64
+    assert p[0] == 500
+    assert p[-1] == int(500 / factor)
+    assert np.all(np.diff(p) <= 0)
+    assert long_tail_profile(1, 37, factor).tolist() == [37]
+
+
+def test_profile_exact_values_are_not_floored_short() -> None:
+    """243 ** (-c / 5) == 3 ** -c, but 9 * 243 ** -0.4 evaluates to 0.999...; it must stay 1."""
+    assert long_tail_profile(6, 9, 243.0).tolist() == [9, 3, 1, 0, 0, 0]
+    assert long_tail_profile(C, 100, 10.0)[-1] == 10
+
+
+@pytest.mark.parametrize("factor", [1.0, 10.0, 100.0])
+def test_long_tail_counts_match_profile_exactly(factor: float) -> None:
+    y = uneven_labels()
+    kept = apply_long_tail(y, C, factor, np.random.default_rng(0))
+    assert kept.dtype == np.int64
+    assert np.all(np.diff(kept) > 0)  # sorted, no repeats
+    expected = long_tail_profile(C, 150, factor)  # n_max is the smallest available class
+    assert np.bincount(y[kept], minlength=C).tolist() == expected.tolist()
+
+
+def test_imbalance_one_keeps_a_balanced_subsample() -> None:
+    kept = apply_long_tail(uneven_labels(), C, 1.0, np.random.default_rng(0))
+    assert set(np.bincount(uneven_labels()[kept]).tolist()) == {150}
+
+
+# ---- partitioners --------------------------------------------------------------------------------
+def test_plugins_are_registered() -> None:
+    assert {"iid", "dirichlet"} <= set(PARTITIONERS.names())
+
+
+def test_iid_sizes_differ_by_at_most_one() -> None:
+    parts = iid(balanced_labels(), 7, PartitionConfig(method="iid"), np.random.default_rng(0))
+    sizes = [p.size for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(2000))
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks() -> None:
+    y = balanced_labels()
+    entropy = {}
+    for alpha in (0.05, 0.5, 100.0):
+        pc = PartitionConfig(method="dirichlet", alpha=alpha, min_partition_size=0)
+        parts = dirichlet(y, 10, pc, np.random.default_rng(0))
+        entropy[alpha] = mean_label_entropy(client_class_counts(y, parts, C))
+    assert entropy[0.05] < entropy[0.5] < entropy[100.0]
+    assert entropy[0.05] < 1.0  # a few classes per client
+    assert entropy[100.0] > 0.98 * np.log(C)  # close to uniform over the 10 classes
+
+
+def test_dirichlet_respects_min_partition_size() -> None:
+    y = balanced_labels()
+    pc = PartitionConfig(method="dirichlet", alpha=0.3, min_partition_size=60)
+    parts = dirichlet(y, 10, pc, np.random.default_rng(0))
+    assert min(p.size for p in parts) >= 60
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(y.size))
+
+
+def test_dirichlet_impossible_min_size_is_a_clear_error() -> None:
+    y = balanced_labels(per_class=10)
+    with pytest.raises(ValueError, match=r"partition\.min_partition_size=11 x federation\.num_clients=10"):
+        dirichlet(y, 10, PartitionConfig(alpha=0.5, min_partition_size=11), np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"partition\.alpha=0\.01.*raise partition\.alpha"):
+        dirichlet(y, 10, PartitionConfig(alpha=0.01, min_partition_size=10), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 5.0])
+def test_dirichlet_matches_flwr_datasets(alpha: float) -> None:
+    """Same algorithm as flwr-datasets' DirichletPartitioner: the same seed gives the same clients."""
+    datasets = pytest.importorskip("datasets")
+    partitioner_mod = pytest.importorskip("flwr_datasets.partitioner")
+    y = uneven_labels()
+    ref = partitioner_mod.DirichletPartitioner(
+        num_partitions=8, partition_by="label", alpha=alpha, min_partition_size=5, shuffle=False, seed=3
+    )
+    ref.dataset = datasets.Dataset.from_dict({"label": y, "idx": np.arange(y.size)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns on every min_partition_size retry
+        theirs = [np.sort(np.asarray(ref.load_partition(k)["idx"])) for k in range(8)]
+    pc = PartitionConfig(method="dirichlet", alpha=alpha, min_partition_size=5)
+    mine = dirichlet(y, 8, pc, np.random.default_rng(3))
+    assert [m.tolist() for m in mine] == [t.tolist() for t in theirs]
+
+
+# ---- the pipeline --------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["iid", "dirichlet"])
+def test_pipeline_invariants(method: str) -> None:
+    y = uneven_labels()
+    cfg = cfg_for(method, imbalance_factor=10.0, alpha=0.3, min_partition_size=10, labeled_fraction=0.5)
+    r = partition_labels(y, C, cfg)
+    assert np.bincount(y[r.kept], minlength=C).tolist() == long_tail_profile(C, 150, 10.0).tolist()
+    assert r.num_clients == 8 and r.num_classes == C
+    flat = np.concatenate(r.client_indices)
+    assert flat.size == np.unique(flat).size  # disjoint
+    assert np.array_equal(np.sort(flat), r.kept)  # complete
+    assert min(idx.size for idx in r.client_indices) >= (10 if method == "dirichlet" else 1)
+    assert np.array_equal(r.counts, client_class_counts(y, r.client_indices, C))
+    assert r.counts.sum() == r.kept.size
+    for idx, mask in zip(r.client_indices, r.labeled, strict=True):
+        assert mask.dtype == bool and mask.shape == idx.shape
+        assert mask.sum() == max(1, int(np.floor(0.5 * idx.size + 0.5)))
+    assert r.params["method"] == method and r.params["alpha"] == 0.3
+
+
+@pytest.mark.parametrize("method", ["iid", "dirichlet"])
+def test_pipeline_is_deterministic_by_seed(method: str) -> None:
+    y = uneven_labels()
+    a = partition_labels(y, C, cfg_for(method, seed=4, labeled_fraction=0.3))
+    b = partition_labels(y, C, cfg_for(method, seed=4, labeled_fraction=0.3))
+    c = partition_labels(y, C, cfg_for(method, seed=5, labeled_fraction=0.3))
+    assert np.array_equal(a.kept, b.kept)
+    assert all(np.array_equal(x, z) for x, z in zip(a.client_indices, b.client_indices, strict=True))
+    assert all(np.array_equal(x, z) for x, z in zip(a.labeled, b.labeled, strict=True))
+    assert not np.array_equal(a.kept, c.kept)
+    assert any(not np.array_equal(x, z) for x, z in zip(a.client_indices, c.client_indices, strict=True))
+
+
+def test_too_many_clients_after_long_tail_names_the_fields() -> None:
+    y = balanced_labels(per_class=6)  # IF 6 keeps 6+4+...+1 = 28 samples
+    with pytest.raises(ValueError, match=r"federation\.num_clients=40.*partition\.imbalance_factor"):
+        partition_labels(y, C, cfg_for("iid", num_clients=40, imbalance_factor=6.0))
+
+
+def test_empty_tail_class_names_the_field() -> None:
+    with pytest.raises(ValueError, match=r"partition\.imbalance_factor=50\.0.*allowed: 1\.\.6"):
+        partition_labels(balanced_labels(per_class=6), C, cfg_for("iid", imbalance_factor=50.0))
+
+
+def test_bad_labels_are_rejected() -> None:
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        partition_labels(np.array([0, 1, 10]), C, cfg_for("iid"))
+    with pytest.raises(ValueError, match="no training samples"):
+        partition_labels(np.repeat(np.arange(9), 20), C, cfg_for("iid"))
+
+
+# ---- labeled split -------------------------------------------------------------------------------
+def test_split_labeled_is_stratified_with_a_floor_of_one() -> None:
+    y = np.array([0] * 50 + [1] * 30 + [2] * 20 + [3])
+    clients = [np.arange(0, 101), np.array([100]), np.array([], dtype=np.int64)]
+    masks = split_labeled(clients, y, 0.2, np.random.default_rng(0))
+    assert [m.size for m in masks] == [101, 1, 0]
+    assert masks[0].sum() == 20  # round(0.2 * 101)
+    per_class = np.bincount(y[clients[0][masks[0]]], minlength=4)
+    assert per_class[:3].tolist() == [10, 6, 4]
+    assert masks[1].tolist() == [True]  # a lone sample stays labeled
+    full = split_labeled(clients, y, 1.0, np.random.default_rng(0))
+    assert all(m.all() for m in full)
+    with pytest.raises(ValueError, match="labeled_fraction"):
+        split_labeled(clients, y, 0.0, np.random.default_rng(0))
+
+
+# ---- on disk -------------------------------------------------------------------------------------
+def test_write_load_round_trip(tmp_path: Path) -> None:
+    y = uneven_labels()
+    r = partition_labels(y, C, cfg_for("dirichlet", alpha=0.5, labeled_fraction=0.4))
+    schedule = make_schedule(C, 2, shuffle=True, seed=0)
+    out = write_partition(r, schedule, y.size, tmp_path / "part", class_names=[f"c{i}" for i in range(C)])
+    assert out == tmp_path / "part"
+    assignment = np.load(out / "assignment.npy")
+    labeled = np.load(out / "labeled.npy")
+    assert assignment.dtype == np.int32 and assignment.shape == y.shape
+    assert labeled.dtype == bool and labeled.shape == y.shape
+    assert (assignment == -1).sum() == y.size - r.kept.size
+    assert labeled.sum() == sum(int(m.sum()) for m in r.labeled)
+    for k in range(r.num_clients):
+        idx, mask = load_client(out, k)
+        assert np.array_equal(idx, r.client_indices[k])
+        assert np.array_equal(mask, r.labeled[k])
+    assert load_schedule(out) == schedule
+    assert np.array_equal(load_counts(out), r.counts)
+    with (out / "stats.csv").open() as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["client", *map(str, range(C)), "total"]
+    assert rows[1][0] == "client_0" and int(rows[1][-1]) == r.client_indices[0].size
+    assert (out / "heatmap.png").read_bytes().startswith(b"\x89PNG")
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(IndexError, match="out of range"):
+        load_client(out, r.num_clients)
+    with pytest.raises(ValueError, match="class_names"):
+        write_partition(r, schedule, y.size, tmp_path / "bad", class_names=["a"])
+
+
+def test_empty_last_client_round_trips(tmp_path: Path) -> None:
+    y = np.array([0, 1, 1, 0, 1])
+    clients = [np.array([0, 2]), np.array([1, 3]), np.array([], dtype=np.int64)]
+    labeled = [np.array([True, False]), np.array([True, True]), np.array([], dtype=bool)]
+    r = PartitionResult(np.array([0, 1, 2, 3]), clients, labeled, client_class_counts(y, clients, 2))
+    out = write_partition(r, make_schedule(2, None, shuffle=False, seed=0), y.size, tmp_path)
+    idx, mask = load_client(out, 2)
+    assert idx.size == 0 and mask.size == 0
+    assert load_client(out, 0)[1].tolist() == [True, False]
+    assert np.load(out / "assignment.npy").tolist() == [0, 1, 0, 1, -1]

@@ -1,0 +1,66 @@
+"""Task schedule: a seeded partition of the classes into equal consecutive tasks."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedtail.config import build_config
+from fedtail.tasks import TaskSchedule, make_schedule, schedule_from_config
+
+
+@pytest.mark.parametrize("cpt", [1, 2, 5, 10])
+def test_tasks_partition_the_classes(cpt: int) -> None:
+    s = make_schedule(10, cpt, shuffle=True, seed=3)
+    assert s.num_tasks == 10 // cpt
+    assert all(len(task) == cpt for task in s.tasks)
+    assert sorted(c for task in s.tasks for c in task) == list(range(10))
+    assert tuple(c for task in s.tasks for c in task) == s.class_order
+
+
+def test_order_is_seeded() -> None:
+    a = make_schedule(10, 2, shuffle=True, seed=7)
+    assert a == make_schedule(10, 2, shuffle=True, seed=7)
+    assert a.class_order != make_schedule(10, 2, shuffle=True, seed=8).class_order
+    assert make_schedule(10, 2, shuffle=False, seed=7).class_order == tuple(range(10))
+
+
+def test_single_task_when_none() -> None:
+    s = make_schedule(6, None, shuffle=False, seed=0)
+    assert s.num_tasks == 1
+    assert s.tasks == ((0, 1, 2, 3, 4, 5),)
+    assert s.seen_classes(0) == list(range(6))
+    assert all(s.task_of(c) == 0 for c in range(6))
+
+
+def test_seen_classes_and_task_of() -> None:
+    s = TaskSchedule((3, 1, 0, 2), ((3, 1), (0, 2)))
+    assert s.seen_classes(0) == [1, 3]
+    assert s.seen_classes(1) == [0, 1, 2, 3]
+    assert [s.task_of(c) for c in range(4)] == [1, 0, 1, 0]
+    with pytest.raises(IndexError):
+        s.seen_classes(2)
+    with pytest.raises(KeyError):
+        s.task_of(4)
+
+
+@pytest.mark.parametrize("cpt", [3, 4, 11, 0])
+def test_non_divisor_names_the_field(cpt: int) -> None:
+    with pytest.raises(ValueError, match=r"tasks\.classes_per_task.*allowed: \[1, 2, 5, 10\]"):
+        make_schedule(10, cpt, shuffle=True, seed=0)
+
+
+def test_dict_round_trip_and_validation() -> None:
+    s = make_schedule(10, 5, shuffle=True, seed=1)
+    assert TaskSchedule.from_dict(s.to_dict()) == s
+    with pytest.raises(ValueError, match="permutation"):
+        TaskSchedule((0, 0, 1), ((0, 0), (1,)))
+    with pytest.raises(ValueError, match="consecutive"):
+        TaskSchedule((0, 1, 2, 3), ((0, 2), (1, 3)))
+    with pytest.raises(ValueError, match="missing"):
+        TaskSchedule.from_dict({"tasks": [[0]]})
+
+
+def test_schedule_from_config() -> None:
+    cfg = build_config({"seed": 5, "tasks": {"classes_per_task": 5, "shuffle_classes": True}})
+    assert schedule_from_config(cfg) == make_schedule(cfg.num_classes, 5, shuffle=True, seed=5)
+    assert schedule_from_config(cfg).num_tasks == cfg.num_tasks
