@@ -21,7 +21,11 @@ def _setup_logging(verbose: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    import flwr.supercore.logger  # noqa: F401  (Flower configures its logger on import; override after)
+
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.INFO if verbose else logging.WARNING)
+    flwr_log.propagate = False  # Flower prints through its own handler; don't echo via Prefect's root
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -61,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p = sub.add_parser("stage", help="DVC stage 1: verify data/ against data.dvc, write normalised arrays")
     _common(p)
+    p.add_argument(
+        "--expect-data",
+        metavar="MD5",
+        help="fail unless data.dvc records this version (dvc.yaml passes it, so a new data version reruns)",
+    )
     p = sub.add_parser("partition", help="DVC stage 2: long tail, non-IID client split, task schedule")
     _common(p)
     p = sub.add_parser("simulate", help="DVC stage 3: run the Flower federation on the configured engine")
@@ -98,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from flows.pipeline import fl_pipeline
 
+        log.setLevel(logging.WARNING)  # the flow's run logger prints the per-round progress
+
         overrides = dict(parse_override(o) for o in args.overrides)
         if args.run_id:
             overrides["output.run_id"] = args.run_id
@@ -108,6 +119,15 @@ def main(argv: list[str] | None = None) -> int:
 
         serve(args.config, dict(parse_override(o) for o in args.overrides))
     elif args.command == "stage":
+        from fedtail.staging import data_md5
+
+        recorded = data_md5(root, cfg.output.data_dir)
+        if args.expect_data and args.expect_data.removesuffix(".dir") != recorded:
+            print(
+                f"fedtail: data.dvc records {recorded or 'nothing'}, expected {args.expect_data}",
+                file=sys.stderr,
+            )
+            return 2
         print(pipeline.stage(cfg, root))
     elif args.command == "partition":
         print(pipeline.partition(cfg, pipeline.stage(cfg, root), root))

@@ -11,7 +11,6 @@ DEFAULTS: dict[str, str] = {
     # Prefect: no telemetry offline, and a fresh PREFECT_HOME's temporary server needs > 20 s here.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "flwr",
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     # DVC and Flower phone home unless told not to.
     "DVC_NO_ANALYTICS": "1",

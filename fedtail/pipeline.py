@@ -66,7 +66,7 @@ def partition(cfg: FedtailConfig, staged_dir: Path, root: Path = Path(".")) -> P
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write_partition(result, schedule, len(splits.y_train), tmp)
-        io.write_text(tmp / "DONE", json.dumps({"staged_dir": str(Path(staged_dir).resolve())}) + "\n")
+        io.write_text(tmp / "DONE", json.dumps({"staged": Path(staged_dir).name}) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -322,9 +322,6 @@ def write_report(run_dir: Path) -> Path:
         f"### {captions[name]}\n\n![{captions[name]}]({path.relative_to(run_dir).as_posix()})"
         for name, path in plots.items()
     ]
+    # Wall times stay in timing.json: the report is a reproducible artifact (dvc.lock hashes it).
     body = summary + "\n## Plots\n\n" + "\n\n".join(figures) + "\n"
-    timing = run_dir / "timing.json"
-    if timing.is_file():
-        rows = list(json.loads(timing.read_text()).items())
-        body += "\n## Timing\n\n" + _table(["item", "value"], rows) + "\n"
     return io.write_text(run_dir / "report.md", body)

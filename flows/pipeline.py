@@ -100,7 +100,8 @@ def round_progress(row: dict[str, Any], total_rounds: int) -> float:
 def round_message(row: dict[str, Any], num_tasks: int, rounds_per_task: int) -> str:
     return (
         f"task {int(row['task']) + 1}/{num_tasks} round {int(row['round'])}/{rounds_per_task} "
-        f"balanced_acc={float(row['balanced_accuracy']):.4f} acc={float(row['accuracy']):.4f}"
+        f"balanced_acc={float(row['balanced_accuracy']):.4f} acc={float(row['accuracy']):.4f} "
+        f"macro_f1={float(row['macro_f1']):.4f}"
     )
 
 
