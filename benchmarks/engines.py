@@ -1,5 +1,8 @@
-"""Benchmark: the same tiny federation on the in-process engine and on Ray, side by side, plus the wall
+"""Benchmark: the same federations on the in-process engine and on Ray, side by side, plus the wall
 time of the default main job (``fedtail run`` on params.yaml, Prefect included).
+
+Two workloads: ``tiny`` (configs/smoke.yaml, 5 clients x 6 rounds: dominated by Ray's start-up) and
+``default`` (params.yaml, 10 clients x 25 rounds: adds Ray's per-message cost).
 
 Writes ``benchmarks/results/engines.json``. Ratios, not absolute times, are the result: both engines run
 in this one invocation on the same machine.
@@ -22,10 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedtail.staging import init_dvc  # noqa: E402
-
 from fedtail import io, pipeline  # noqa: E402
 from fedtail.config import load_config  # noqa: E402
+from fedtail.staging import init_dvc  # noqa: E402
 
 
 def _project(tmp: Path) -> Path:
@@ -38,9 +40,15 @@ def _project(tmp: Path) -> Path:
     return tmp
 
 
-def time_engine(root: Path, engine: str, run_id: str, overrides: dict) -> tuple[float, dict]:
+WORKLOADS = {
+    "tiny": (REPO / "configs" / "smoke.yaml", {"federation.num_clients": 5, "federation.rounds_per_task": 3}),
+    "default": (REPO / "params.yaml", {}),
+}
+
+
+def time_engine(root: Path, config: Path, engine: str, run_id: str, overrides: dict) -> tuple[float, dict]:
     cfg = load_config(
-        REPO / "configs" / "smoke.yaml",
+        config,
         {
             **overrides,
             "engine.name": engine,
@@ -62,22 +70,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-main-job", action="store_true")
     args = parser.parse_args()
-    overrides = {"federation.num_clients": 5, "federation.rounds_per_task": 3}
-    result: dict = {"machine": platform.platform(), "python": platform.python_version(), "config": overrides}
+    result: dict = {"machine": platform.platform(), "python": platform.python_version(), "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = _project(Path(tmp))
-        times: dict[str, list[float]] = {"inprocess": [], "ray": []}
-        metrics = {}
-        for rep in range(args.repeats):
-            for engine in times:
-                seconds, metrics[engine] = time_engine(root, engine, f"{engine}-{rep}", overrides)
-                times[engine].append(seconds)
-                print(f"{engine:9s} repeat {rep}: {seconds:.2f} s", flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    result["engines_seconds"] = times
-    result["ray_over_inprocess"] = med["ray"] / med["inprocess"]
-    result["identical_metrics"] = metrics["ray"] == metrics["inprocess"]
-    print(f"ray / inprocess wall-time ratio (median): {result['ray_over_inprocess']:.1f}x")
+        for name, (config, overrides) in WORKLOADS.items():
+            times: dict[str, list[float]] = {"inprocess": [], "ray": []}
+            metrics = {}
+            for rep in range(args.repeats):
+                for engine in times:
+                    seconds, metrics[engine] = time_engine(
+                        root, config, engine, f"{name}-{engine}-{rep}", overrides
+                    )
+                    times[engine].append(seconds)
+                    print(f"{name:8s} {engine:9s} repeat {rep}: {seconds:.2f} s", flush=True)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            result["workloads"][name] = {
+                "config": str(config.relative_to(REPO)),
+                "overrides": overrides,
+                "seconds": times,
+                "median_seconds": med,
+                "ray_over_inprocess": med["ray"] / med["inprocess"],
+                "identical_metrics": metrics["ray"] == metrics["inprocess"],
+            }
+            print(f"{name}: ray / inprocess wall-time ratio (median) {med['ray'] / med['inprocess']:.1f}x")
     if not args.skip_main_job:
         start = time.perf_counter()
         subprocess.run([str(REPO / ".venv" / "bin" / "fedtail"), "run"], cwd=REPO, check=True)

@@ -11,13 +11,13 @@ import copy
 
 import numpy as np
 import torch
-from fedtail.staging import staged_meta
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.local import LocalContext, load_client_data, train_local
 from fedtail import protocol as P
 from fedtail.models import build_model, load_arrays, resolve_device, to_arrays
+from fedtail.staging import staged_meta
 
 STATE_KEY = "fedtail-client"
 

@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from fedtail.staging import load_staged
 from flwr.app import RecordDict
 from torch import nn
 
 from fedtail.partition import load_client
 from fedtail.protocol import Job
 from fedtail.registry import CONTINUAL, OBJECTIVES
+from fedtail.staging import load_staged
 
 
 @dataclass

@@ -15,17 +15,12 @@ from fedtail.config import DEFAULT_CONFIG_FILE, ConfigError, FedtailConfig, load
 log = logging.getLogger("fedtail")
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging() -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
-    import flwr.supercore.logger  # noqa: F401  (Flower configures its logger on import; override after)
-
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.setLevel(logging.INFO if verbose else logging.WARNING)
-    flwr_log.propagate = False  # Flower prints through its own handler; don't echo via Prefect's root
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -39,7 +34,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="override one config field, e.g. --set partition.alpha=0.1 (repeatable)",
     )
     p.add_argument("--root", default=".", help="project root holding data/, data.dvc (default: .)")
-    p.add_argument("-v", "--verbose", action="store_true", help="also show Flower's own log lines")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="also show Flower's own log lines (engine.verbose=true)"
+    )
 
 
 def _run_id_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -63,20 +60,36 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve the pipeline as a Prefect deployment on the config's cron schedule"
     )
     _common(p)
-    p = sub.add_parser("stage", help="DVC stage 1: verify data/ against data.dvc, write normalised arrays")
+    p = sub.add_parser(
+        "stage",
+        help="DVC stage 1: verify data/ against data.dvc, write normalised arrays",
+        description="DVC stage 1: verify data/ against data.dvc, write normalised arrays",
+    )
     _common(p)
     p.add_argument(
         "--expect-data",
         metavar="MD5",
         help="fail unless data.dvc records this version (dvc.yaml passes it, so a new data version reruns)",
     )
-    p = sub.add_parser("partition", help="DVC stage 2: long tail, non-IID client split, task schedule")
+    p = sub.add_parser(
+        "partition",
+        help="DVC stage 2: long tail, non-IID client split, task schedule",
+        description="DVC stage 2: long tail, non-IID client split, task schedule",
+    )
     _common(p)
-    p = sub.add_parser("simulate", help="DVC stage 3: run the Flower federation on the configured engine")
+    p = sub.add_parser(
+        "simulate",
+        help="DVC stage 3: run the Flower federation on the configured engine",
+        description="DVC stage 3: run the Flower federation on the configured engine",
+    )
     _common(p)
     _run_id_arg(p)
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
-    p = sub.add_parser("report", help="DVC stage 4: plots and report.md for a finished run")
+    p = sub.add_parser(
+        "report",
+        help="DVC stage 4: plots and report.md for a finished run",
+        description="DVC stage 4: plots and report.md for a finished run",
+    )
     _common(p)
     _run_id_arg(p, required=True)
     return parser
@@ -91,7 +104,9 @@ def _config(args: argparse.Namespace) -> FedtailConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging()
+    if args.verbose:
+        args.overrides.append("engine.verbose=true")
     root = Path(args.root)
     try:
         if args.command == "run" and args.resume:

@@ -155,6 +155,7 @@ class EngineConfig(_Section):
     threads_per_client: int = Field(1, ge=1, le=256, description="torch threads inside a ClientApp.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     timeout: float = Field(3600.0, gt=0.0, description="Seconds to wait for a round's replies.")
+    verbose: bool = Field(False, description="Show Flower's own INFO log lines (strategy banners, rounds).")
 
     @field_validator("name")
     @classmethod

@@ -7,12 +7,14 @@ report), and every file is written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -82,6 +84,24 @@ def new_run_dir(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
     return _under(root, cfg.output.runs_dir) / run_id
 
 
+@contextlib.contextmanager
+def flower_logs(verbose: bool) -> Iterator[None]:
+    """Flower logs every round's full ConfigRecord at INFO; keep it to warnings unless asked.
+
+    Also stop Flower's records from reaching the root logger: Flower prints through its own handler,
+    and Prefect's root handler would print each line a second time.
+    """
+    logger = logging.getLogger("flwr")
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def simulate(
     cfg: FedtailConfig,
     staged_dir: Path,
@@ -99,7 +119,8 @@ def simulate(
     write_run_header(job, run_dir)
     start = time.perf_counter()
     server_app = build_server_app(job, run_dir, on_round)
-    ENGINES.get(cfg.engine.name)(server_app, CLIENT_APP, cfg)
+    with flower_logs(cfg.engine.verbose):
+        ENGINES.get(cfg.engine.name)(server_app, CLIENT_APP, cfg)
     if not (run_dir / "metrics.json").is_file():
         raise RuntimeError(f"the federation ended without writing {run_dir / 'metrics.json'}")
     io.write_json(

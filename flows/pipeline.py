@@ -31,6 +31,7 @@ from prefect.runtime import flow_run
 from fedtail import pipeline
 from fedtail.config import FedtailConfig, load_config
 from fedtail.report import rounds_table, summary_markdown
+from fedtail.staging import ensure_raw
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,12 @@ def round_message(row: dict[str, Any], num_tasks: int, rounds_per_task: int) -> 
 
 
 # ---- tasks ---------------------------------------------------------------------------------------
+@task(name="verify-data", cache_policy=NO_CACHE, persist_result=False)
+def verify_data_task(cfg: FedtailConfig, root: Path) -> Path:
+    """Check data/ against data.dvc on every run (~10 ms), even when the staged arrays come from cache."""
+    return ensure_raw(cfg, root)
+
+
 @task(name="stage", cache_policy=STAGE_CACHE, persist_result=True)
 def stage_task(cfg: FedtailConfig, root: Path) -> Path:
     return pipeline.stage(cfg, root).resolve()
@@ -164,6 +171,7 @@ def fl_pipeline(
     """Run the whole experiment; returns the run folder. Data steps are cached across runs."""
     cfg = load_config(config_path, overrides or {})
     root_dir = Path(root).resolve()
+    verify_data_task(cfg, root_dir)
     staged = stage_task(cfg, root_dir)
     parts = partition_task(cfg, staged, root_dir)
     run_dir = pipeline.new_run_dir(cfg, root_dir)

@@ -17,16 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from fedtail.staging import load_staged, staged_meta
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedtail import io
 from fedtail import protocol as P
-from fedtail.config import from_run_config
+from fedtail.config import from_run_config, parse_override
 from fedtail.models import build_model, resolve_device, to_arrays
 from fedtail.partition import load_schedule
 from fedtail.registry import STRATEGIES
+from fedtail.staging import load_staged, staged_meta
 from server.evaluation import Evaluator
 from server.recorder import RunRecorder
 
@@ -186,6 +186,7 @@ def flwr_main(grid: Grid, context: Context) -> None:
 
     run_config = dict(context.run_config)
     root = Path(str(run_config.pop("root", "") or ".")).resolve()
+    run_config.update(parse_override(item) for item in str(run_config.pop("set", "")).split())
     cfg = from_run_config(run_config, root)
     staged = pipeline.stage(cfg, root)
     parts = pipeline.partition(cfg, staged, root)

@@ -58,4 +58,5 @@ def test_dvc_repro_reproduces_committed_metrics(tmp_path: Path) -> None:
     # the raw data was regenerated from its embedded source and verified against data.dvc, unchanged
     assert git(clone, "status", "--porcelain", "data.dvc") == ""
     # every stage's outputs (staged arrays, partitions, model, metrics) hash as recorded in dvc.lock
+    # (code the stages depend on changed? run `dvc repro` and commit dvc.lock with it)
     assert git(clone, "status", "--porcelain", "dvc.lock") == "", git(clone, "diff", "dvc.lock")

@@ -172,13 +172,14 @@ def test_pipeline_runs_then_caches_data_steps(prefect_server: None, project: Pat
             return_state=True,
         )
         assert state.is_completed(), state
-        return Path(state.result()), task_states(state, expected=4)
+        return Path(state.result()), task_states(state, expected=5)
 
     run_dir, states = run("first")
     assert run_dir == tmp_path / "runs" / "first"
     for name in ("metrics.json", "rounds.csv", "report.md", "plots/balanced_accuracy.png"):
         assert (run_dir / name).is_file(), name
     assert states == {
+        "verify": "Completed",
         "stage": "Completed",
         "partition": "Completed",
         "simulate": "Completed",
@@ -188,6 +189,7 @@ def test_pipeline_runs_then_caches_data_steps(prefect_server: None, project: Pat
     run_dir, states = run("second")
     assert (run_dir / "metrics.json").is_file()
     assert states["stage"] == "Cached" and states["partition"] == "Cached"
+    assert states["verify"] == "Completed"  # the data check itself is never cached
     assert states["simulate"] == "Completed" and states["report"] == "Completed"
 
     shutil.rmtree(tmp_path / "artifacts")  # a cached path must not outlive its directory

@@ -1,0 +1,52 @@
+"""The command line: DVC-stage commands end to end, and bad input rejected before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedtail.cli import main
+from tests.conftest import REPO
+
+
+def _args(project: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        str(REPO / "configs" / "smoke.yaml"),
+        "--root",
+        str(project),
+        "--set",
+        f"output.runs_dir={project / 'cli-runs'}",
+        "--set",
+        f"output.artifacts_dir={project / 'cli-artifacts'}",
+        *extra,
+    ]
+
+
+def test_bad_config_fails_before_any_work(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["simulate", *_args(project, "--set", "partition.alpha=-1", "--run-id", "bad")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "partition.alpha" in err and "greater than 0" in err
+    assert not (project / "cli-runs").exists() and not (project / "cli-artifacts").exists()
+
+
+def test_stage_commands_chain_like_dvc_repro(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stage", *_args(project)]) == 0
+    staged = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (staged / "x_train.npy").is_file()
+    assert main(["partition", *_args(project)]) == 0
+    parts = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (parts / "assignment.npy").is_file() and (parts / "heatmap.png").is_file()
+    assert main(["simulate", *_args(project, "--run-id", "cli", "--overwrite")]) == 0
+    out = capsys.readouterr().out
+    assert "task 2/2 round 2/2" in out  # per-round progress
+    assert main(["report", *_args(project, "--run-id", "cli")]) == 0
+    report = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report == project / "cli-runs" / "cli" / "report.md" and report.is_file()
+
+
+def test_stage_refuses_an_unexpected_data_version(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stage", *_args(project, "--expect-data", "0" * 32 + ".dir")]) == 2
+    assert "data.dvc records" in capsys.readouterr().err
