@@ -50,47 +50,29 @@ def build_parser() -> argparse.ArgumentParser:
         "(DVC data -> Prefect flow -> Flower federation -> report).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
-        "run", help="the whole pipeline as a Prefect flow (stage, partition, simulate, report)"
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        _common(p)
+        return p
+
+    p = command(
+        "run", "the whole pipeline as a Prefect flow (verify data, stage, partition, simulate, report)"
     )
-    _common(p)
     _run_id_arg(p)
     p.add_argument("--resume", metavar="RUN_ID", help="continue a crashed run from its last checkpoint")
-    p = sub.add_parser(
-        "serve", help="serve the pipeline as a Prefect deployment on the config's cron schedule"
-    )
-    _common(p)
-    p = sub.add_parser(
-        "stage",
-        help="DVC stage 1: verify data/ against data.dvc, write normalised arrays",
-        description="DVC stage 1: verify data/ against data.dvc, write normalised arrays",
-    )
-    _common(p)
+    command("serve", "serve the pipeline as a Prefect deployment on the config's cron schedule(s)")
+    p = command("stage", "DVC stage 1: verify data/ against data.dvc, write normalised arrays")
     p.add_argument(
         "--expect-data",
         metavar="MD5",
         help="fail unless data.dvc records this version (dvc.yaml passes it, so a new data version reruns)",
     )
-    p = sub.add_parser(
-        "partition",
-        help="DVC stage 2: long tail, non-IID client split, task schedule",
-        description="DVC stage 2: long tail, non-IID client split, task schedule",
-    )
-    _common(p)
-    p = sub.add_parser(
-        "simulate",
-        help="DVC stage 3: run the Flower federation on the configured engine",
-        description="DVC stage 3: run the Flower federation on the configured engine",
-    )
-    _common(p)
+    command("partition", "DVC stage 2: long tail, non-IID client split, task schedule")
+    p = command("simulate", "DVC stage 3: run the Flower federation on the configured engine")
     _run_id_arg(p)
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
-    p = sub.add_parser(
-        "report",
-        help="DVC stage 4: plots and report.md for a finished run",
-        description="DVC stage 4: plots and report.md for a finished run",
-    )
-    _common(p)
+    p = command("report", "DVC stage 4: plots and report.md for a finished run")
     _run_id_arg(p, required=True)
     return parser
 
@@ -110,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root)
     try:
         if args.command == "run" and args.resume:
-            args.config = str(root / load_config(args.config).output.runs_dir / args.resume / "config.yaml")
+            runs_dir = _config(args).output.runs_dir  # where the crashed run lives, overrides included
+            args.config = str(root / runs_dir / args.resume / "config.yaml")
             args.run_id = args.resume
         cfg = _config(args)
     except ConfigError as err:
@@ -132,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "serve":
         from flows.serve import serve
 
-        serve(args.config, dict(parse_override(o) for o in args.overrides))
+        serve(args.config, dict(parse_override(o) for o in args.overrides), root=str(root))
     elif args.command == "stage":
         from fedtail.staging import data_md5
 

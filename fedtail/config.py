@@ -236,6 +236,14 @@ class FedtailConfig(_Section):
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
+    def experiment_fingerprint(self) -> str:
+        """Hash of what shapes the results: everything but where outputs go, the engine, the schedule.
+
+        (The engines give identical results, so a run may resume on another one.)
+        """
+        sections = [k for k in type(self).model_fields if k not in ("output", "engine", "serve")]
+        return self.fingerprint(*sections)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

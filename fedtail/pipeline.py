@@ -10,9 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -64,17 +61,9 @@ def partition(cfg: FedtailConfig, staged_dir: Path, root: Path = Path(".")) -> P
     splits = _staging.load_staged(staged_dir)
     result = partition_labels(splits.y_train, cfg.num_classes, cfg)
     schedule = schedule_from_config(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with io.atomic_dir(out) as tmp:
         write_partition(result, schedule, len(splits.y_train), tmp)
         io.write_text(tmp / "DONE", json.dumps({"staged": Path(staged_dir).name}) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 

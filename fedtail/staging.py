@@ -328,29 +328,23 @@ def stage(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
         if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
             return out
         splits = spec.load(cfg.dataset, raw)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with io.atomic_dir(out) as tmp:
             arrays = (splits.x_train, splits.y_train, splits.x_test, splits.y_test)
             for name, array in zip(STAGED_FILES, arrays, strict=True):
                 io.write_npy(tmp / name, array)
-            meta = {
-                "name": spec.name,
-                "key": key,
-                "num_classes": spec.num_classes,
-                "input_shape": list(spec.input_shape),
-                "sizes": {"train": len(splits.y_train), "test": len(splits.y_test)},
-                "data_md5": md5,
-                "source": spec.source,
-                "dataset": cfg.dataset.model_dump(mode="json"),
-            }
-            io.write_json(tmp / "meta.json", meta)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            io.write_json(
+                tmp / "meta.json",
+                {
+                    "name": spec.name,
+                    "key": key,
+                    "num_classes": spec.num_classes,
+                    "input_shape": list(spec.input_shape),
+                    "sizes": {"train": len(splits.y_train), "test": len(splits.y_test)},
+                    "data_md5": md5,
+                    "source": spec.source,
+                    "dataset": cfg.dataset.model_dump(mode="json"),
+                },
+            )
     log.info("staged %s into %s", spec.name, out)
     return out
 

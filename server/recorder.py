@@ -31,7 +31,7 @@ def read_checkpoint_state(run_dir: Path, cfg: FedtailConfig) -> dict | None:
     if not state_file.is_file():
         return None
     state = json.loads(state_file.read_text())
-    if state["config_fingerprint"] != cfg.fingerprint():
+    if state["config_fingerprint"] != cfg.experiment_fingerprint():
         raise ValueError(
             f"{run_dir}: its checkpoint was written with a different config; resume with the run's own "
             "config.yaml (fedtail run --resume RUN_ID) or choose a new output.run_id"
@@ -92,7 +92,7 @@ class RunRecorder:
         io.write_json(
             ck / "state.json",
             {
-                "config_fingerprint": self.cfg.fingerprint(),
+                "config_fingerprint": self.cfg.experiment_fingerprint(),
                 "rows": self.rows,
                 "acc_matrix": [[None if math.isnan(v) else v for v in r] for r in self.acc_matrix.tolist()],
                 "tasks_done": self.tasks_done,
