@@ -8,14 +8,23 @@ before any work starts; errors name the field and the allowed values.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fedtail.registry import (
     CONTINUAL,
@@ -46,10 +55,23 @@ def _known(registry: Registry, value: str) -> str:
     return value
 
 
+def _plugin_name(registry: Registry) -> Any:
+    """A ``str`` type that must name a plug-in of ``registry`` (lower-cased; errors list the known)."""
+    return Annotated[str, AfterValidator(functools.partial(_known, registry))]
+
+
+DatasetName = _plugin_name(DATASETS)
+PartitionerName = _plugin_name(PARTITIONERS)
+StrategyName = _plugin_name(STRATEGIES)
+ObjectiveName = _plugin_name(OBJECTIVES)
+ContinualName = _plugin_name(CONTINUAL)
+EngineName = _plugin_name(ENGINES)
+
+
 class DatasetConfig(_Section):
     """Which raw data to use and how to split it into train/test."""
 
-    name: str = Field("digits", description="Registered dataset name.")
+    name: DatasetName = Field("digits", description="Registered dataset name.")
     root: str | None = Field(None, description="Local torchvision root for mnist/fashion-mnist/cifar.")
     download: bool = Field(False, description="Allow torchvision to download into `root`.")
     num_samples: int = Field(4000, ge=100, le=200_000, description="mnist1d: samples generated (fixed seed).")
@@ -57,16 +79,11 @@ class DatasetConfig(_Section):
         0.25, gt=0.0, lt=1.0, description="Held-out share for datasets without a test split."
     )
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _known(DATASETS, v)
-
 
 class PartitionConfig(_Section):
     """Global long-tail profile, then a non-IID split over clients."""
 
-    method: str = Field("dirichlet", description="Registered partitioner: iid, dirichlet, ...")
+    method: PartitionerName = Field("dirichlet", description="Registered partitioner: iid, dirichlet.")
     alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration; smaller = more label skew.")
     min_partition_size: int = Field(
         5, ge=0, description="Dirichlet: resample until every client holds at least this many."
@@ -77,11 +94,6 @@ class PartitionConfig(_Section):
     labeled_fraction: float = Field(
         1.0, gt=0.0, le=1.0, description="Share of each client's samples that keep their label."
     )
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        return _known(PARTITIONERS, v)
 
 
 class TasksConfig(_Section):
@@ -99,19 +111,14 @@ class FederationConfig(_Section):
 
 
 class StrategyConfig(_Section):
-    name: str = Field("fedavg", description="Registered server strategy.")
+    name: StrategyName = Field("fedavg", description="Registered server strategy.")
     options: dict[str, Any] = Field(default_factory=dict, description="Strategy-specific options.")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _known(STRATEGIES, v)
 
 
 class TrainConfig(_Section):
     """Local training on each client."""
 
-    objective: str = Field("ce", description="Registered local objective.")
+    objective: ObjectiveName = Field("ce", description="Registered local objective.")
     epochs: int = Field(2, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=65_536)
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -120,20 +127,10 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     options: dict[str, Any] = Field(default_factory=dict, description="Objective-specific options.")
 
-    @field_validator("objective")
-    @classmethod
-    def _objective(cls, v: str) -> str:
-        return _known(OBJECTIVES, v)
-
 
 class ContinualConfig(_Section):
-    method: str = Field("finetune", description="Registered continual-learning method.")
+    method: ContinualName = Field("finetune", description="Registered continual-learning method.")
     options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        return _known(CONTINUAL, v)
 
 
 class ModelConfig(_Section):
@@ -149,18 +146,13 @@ class ModelConfig(_Section):
 class EngineConfig(_Section):
     """Where the ClientApps run. The ServerApp and ClientApp are the same on every engine."""
 
-    name: str = Field("inprocess", description="Registered engine: inprocess, ray.")
+    name: EngineName = Field("inprocess", description="Registered engine: inprocess, ray.")
     workers: int = Field(1, ge=1, le=256, description="inprocess: parallel client processes (1 = none).")
     cpus_per_client: float = Field(1.0, gt=0.0, description="ray: CPUs reserved per ClientApp.")
     threads_per_client: int = Field(1, ge=1, le=256, description="torch threads inside a ClientApp.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     timeout: float = Field(3600.0, gt=0.0, description="Seconds to wait for a round's replies.")
     verbose: bool = Field(False, description="Show Flower's own INFO log lines (strategy banners, rounds).")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _known(ENGINES, v)
 
 
 class OutputConfig(_Section):
