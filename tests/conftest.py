@@ -48,3 +48,24 @@ def smoke_config(root: Path, **overrides) -> FedtailConfig:
         "output.runs_dir": str(root / "runs"),
     }
     return load_config(REPO / "configs" / "smoke.yaml", {**base, **overrides})
+
+
+def crashed_run(cfg: FedtailConfig, root: Path, crash_at: int) -> Path:
+    """Stage, partition and simulate until global round ``crash_at``, then 'crash' (KeyboardInterrupt).
+
+    Returns the run folder, left with a checkpoint and without metrics.json.
+    """
+    from fedtail import pipeline
+
+    staged = pipeline.stage(cfg, root)
+    parts = pipeline.partition(cfg, staged, root)
+    run_dir = pipeline.new_run_dir(cfg, root)
+
+    def crash(row: dict) -> None:
+        if row["global_round"] == crash_at:
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.simulate(cfg, staged, parts, run_dir, on_round=crash)
+    assert not (run_dir / "metrics.json").exists()
+    return run_dir

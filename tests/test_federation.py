@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from fedtail import pipeline
-from tests.conftest import smoke_config
+from tests.conftest import crashed_run, smoke_config
 
 
 def _run(project: Path, run_id: str, **overrides) -> tuple[Path, dict]:
@@ -70,19 +70,10 @@ def test_ray_engine_gives_identical_metrics(project: Path, inprocess_run: tuple[
 
 def test_crashed_run_resumes_to_the_same_result(project: Path, inprocess_run: tuple[Path, dict]) -> None:
     cfg = smoke_config(project, **{"output.run_id": "crashy"})
-    staged = pipeline.stage(cfg, project)
-    parts = pipeline.partition(cfg, staged, project)
-    run_dir = pipeline.new_run_dir(cfg, project)
-
-    def crash_after_third(row: dict) -> None:
-        if row["global_round"] == 3:
-            raise KeyboardInterrupt("simulated crash")
-
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.simulate(cfg, staged, parts, run_dir, on_round=crash_after_third)
-    assert not (run_dir / "metrics.json").exists()
+    run_dir = crashed_run(cfg, project, crash_at=3)
     assert len(pd.read_csv(run_dir / "rounds.csv")) == 3
-    pipeline.simulate(cfg, staged, parts, run_dir)
+    staged = pipeline.stage(cfg, project)
+    pipeline.simulate(cfg, staged, pipeline.partition(cfg, staged, project), run_dir)
     resumed = json.loads((run_dir / "metrics.json").read_text())
     assert resumed == inprocess_run[1]
 

@@ -201,26 +201,16 @@ def test_pipeline_runs_then_caches_data_steps(prefect_server: None, project: Pat
 
 def test_cli_resume_continues_a_crashed_run(prefect_server: None, project: Path, tmp_path: Path) -> None:
     """`fedtail run --resume RUN_ID` picks up the run's own config.yaml and finishes from its checkpoint."""
-    from fedtail import pipeline
     from fedtail.cli import main
+    from tests.conftest import crashed_run
 
     overrides = [
         f"output.data_dir={project / 'data'}",
         f"output.artifacts_dir={tmp_path / 'artifacts'}",
         f"output.runs_dir={tmp_path / 'runs'}",
     ]
-    cfg = load_config(SMOKE, overrides)  # no run id: the folder name is generated, as for `fedtail run`
-    staged = pipeline.stage(cfg, project)
-    parts = pipeline.partition(cfg, staged, project)
-    run_dir = pipeline.new_run_dir(cfg, project)
-
-    def crash(row: dict) -> None:
-        if row["global_round"] == 2:
-            raise KeyboardInterrupt("simulated crash")
-
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.simulate(cfg, staged, parts, run_dir, on_round=crash)
-    assert not (run_dir / "metrics.json").exists()
+    # no run id: the folder name is generated, as for `fedtail run`
+    run_dir = crashed_run(load_config(SMOKE, overrides), project, crash_at=2)
 
     args = ["run", "--config", SMOKE, "--root", str(project), "--resume", run_dir.name]
     assert main([*args, *[a for o in overrides for a in ("--set", o)]]) == 0
