@@ -14,7 +14,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.local import LocalContext, load_client_data, train_local
+from clients.local import ClientData, LocalContext, load_client_data, train_local
 from fedtail import protocol as P
 from fedtail.models import build_model, load_arrays, resolve_device, to_arrays
 from fedtail.staging import staged_meta
@@ -24,7 +24,7 @@ STATE_KEY = "fedtail-client"
 app = ClientApp()
 
 
-def _job_and_data(msg: Message, context: Context):
+def _job_and_data(msg: Message, context: Context) -> tuple[P.Job, int, ClientData]:
     job = P.Job.from_json(str(msg.content[P.CONFIG][P.JOB]))
     pid = int(context.node_config[P.NODE_PARTITION_ID])
     data = load_client_data(str(job.staged_dir), str(job.partition_dir), pid)

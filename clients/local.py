@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,8 +59,6 @@ class ClientData:
 @functools.lru_cache(maxsize=64)
 def load_client_data(staged_dir: str, partition_dir: str, partition_id: int) -> ClientData:
     """Read (and cache per process) one client's samples from the staged arrays and its partition."""
-    from pathlib import Path
-
     splits = load_staged(Path(staged_dir))
     idx, labeled = load_client(Path(partition_dir), partition_id)
     x = np.asarray(splits.x_train[idx], dtype=np.float32)
