@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from fedtail import io
 from fedtail.config import DEFAULT_CONFIG_FILE, ConfigError, FedtailConfig, load_config, parse_override
 
 log = logging.getLogger("fedtail")
@@ -77,11 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace) -> FedtailConfig:
+def _overrides(args: argparse.Namespace) -> dict:
+    """``--set`` items (and ``--run-id``) as dotted-key overrides onto the config."""
     overrides = dict(parse_override(o) for o in args.overrides)
     if getattr(args, "run_id", None):
         overrides["output.run_id"] = args.run_id
-    return load_config(args.config, overrides)
+    return overrides
+
+
+def _config(args: argparse.Namespace) -> FedtailConfig:
+    return load_config(args.config, _overrides(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run" and args.resume:
             runs_dir = _config(args).output.runs_dir  # where the crashed run lives, overrides included
-            args.config = str(root / runs_dir / args.resume / "config.yaml")
+            args.config = str(io.under(root, runs_dir) / args.resume / "config.yaml")
             args.run_id = args.resume
         cfg = _config(args)
     except ConfigError as err:
@@ -106,16 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         from flows.pipeline import fl_pipeline
 
         log.setLevel(logging.WARNING)  # the flow's run logger prints the per-round progress
-
-        overrides = dict(parse_override(o) for o in args.overrides)
-        if args.run_id:
-            overrides["output.run_id"] = args.run_id
-        run_dir = fl_pipeline(config_path=args.config, overrides=overrides, root=str(root))
+        run_dir = fl_pipeline(config_path=args.config, overrides=_overrides(args), root=str(root))
         print(f"report: {Path(run_dir) / 'report.md'}")
     elif args.command == "serve":
         from flows.serve import serve
 
-        serve(args.config, dict(parse_override(o) for o in args.overrides), root=str(root))
+        serve(args.config, _overrides(args), root=str(root))
     elif args.command == "stage":
         from fedtail.staging import data_md5
 

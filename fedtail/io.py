@@ -17,6 +17,12 @@ from typing import Any, BinaryIO
 import numpy as np
 
 
+def under(root: str | os.PathLike[str], sub: str | os.PathLike[str]) -> Path:
+    """``sub`` if absolute, else ``root / sub``: how every configured output folder is resolved."""
+    path = Path(sub)
+    return path if path.is_absolute() else Path(root) / path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path beside ``path``; rename it onto ``path`` if the block succeeds."""

@@ -26,14 +26,9 @@ from fedtail.tasks import schedule_from_config
 CLIENT_APP = "clients.app:app"
 
 
-def _under(root: Path, sub: str) -> Path:
-    p = Path(sub)
-    return p if p.is_absolute() else Path(root) / p
-
-
 def cache_key_stage(cfg: FedtailConfig, root: Path = Path(".")) -> str:
     """Data version (md5 in data.dvc) + dataset parameters: what the staged arrays depend on."""
-    return f"stage-{_staging.data_md5(root)}-{cfg.fingerprint('dataset')}"
+    return f"stage-{_staging.data_md5(root, cfg.output.data_dir)}-{cfg.fingerprint('dataset')}"
 
 
 def stage(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
@@ -55,7 +50,7 @@ def cache_key_partition(cfg: FedtailConfig, staged_dir: Path) -> str:
 
 def partition(cfg: FedtailConfig, staged_dir: Path, root: Path = Path(".")) -> Path:
     """Long tail + non-IID client split + task schedule; idempotent per cache key."""
-    out = _under(root, cfg.output.artifacts_dir) / "partitions" / cache_key_partition(cfg, staged_dir)
+    out = io.under(root, cfg.output.artifacts_dir) / "partitions" / cache_key_partition(cfg, staged_dir)
     if (out / "DONE").is_file():
         return out
     splits = _staging.load_staged(staged_dir)
@@ -70,7 +65,7 @@ def partition(cfg: FedtailConfig, staged_dir: Path, root: Path = Path(".")) -> P
 def new_run_dir(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
     """``runs/<run-id>``: the configured id, else UTC time + config hash (sortable, unique per config)."""
     run_id = cfg.output.run_id or f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{cfg.fingerprint()[:8]}"
-    return _under(root, cfg.output.runs_dir) / run_id
+    return io.under(root, cfg.output.runs_dir) / run_id
 
 
 @contextlib.contextmanager

@@ -61,8 +61,7 @@ class DataIntegrityError(RuntimeError):
 
 # ---- paths -----------------------------------------------------------------------------------------
 def _data_dir(cfg: FedtailConfig, root: Path) -> Path:
-    data_dir = Path(cfg.output.data_dir)
-    data_dir = data_dir if data_dir.is_absolute() else root / data_dir
+    data_dir = io.under(root, cfg.output.data_dir)
     try:
         data_dir.resolve().relative_to(root.resolve())
     except ValueError:
@@ -75,11 +74,6 @@ def _data_dir(cfg: FedtailConfig, root: Path) -> Path:
 
 def _dvc_file(data_dir: Path) -> Path:
     return data_dir.with_name(data_dir.name + ".dvc")
-
-
-def _under(root: Path, sub: str) -> Path:
-    path = Path(sub)
-    return path if path.is_absolute() else root / path
 
 
 def _recorded_md5(dvc_file: Path) -> str:
@@ -95,7 +89,7 @@ def data_md5(root: Path, data_dir: str = "data") -> str:
 
     A cheap cache key for everything derived from the raw data; ``""`` while the data is not versioned.
     """
-    return _recorded_md5(_dvc_file(_under(Path(root), data_dir)))
+    return _recorded_md5(_dvc_file(io.under(Path(root), data_dir)))
 
 
 # ---- locking and DVC handles -----------------------------------------------------------------------
@@ -323,7 +317,7 @@ def stage(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
         raw = _ensure_raw(cfg, root)
         md5 = _recorded_md5(_dvc_file(_data_dir(cfg, root)))
         key = _stage_key(md5, cfg)
-        out = _under(root, cfg.output.artifacts_dir) / "staged" / f"{spec.name}-{key}"
+        out = io.under(root, cfg.output.artifacts_dir) / "staged" / f"{spec.name}-{key}"
         meta_path = out / "meta.json"
         if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
             return out

@@ -216,3 +216,13 @@ def test_cli_resume_continues_a_crashed_run(prefect_server: None, project: Path,
     assert main([*args, *[a for o in overrides for a in ("--set", o)]]) == 0
     rows = (run_dir / "rounds.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 and (run_dir / "metrics.json").is_file() and (run_dir / "report.md").is_file()
+
+
+def test_stage_cache_key_reads_the_configured_data_dir(tmp_path: Path) -> None:
+    """The key carries the data version recorded beside ``output.data_dir``, wherever that is."""
+    from fedtail.pipeline import cache_key_stage
+
+    (tmp_path / "raw.dvc").write_text("outs:\n- md5: " + "ab" * 16 + ".dir\n  path: raw\n")
+    cfg = load_config(SMOKE, {"output.data_dir": "raw"})
+    assert "ab" * 16 in cache_key_stage(cfg, tmp_path)
+    assert "ab" * 16 not in cache_key_stage(load_config(SMOKE), tmp_path)  # data/ has no data.dvc here
