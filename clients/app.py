@@ -1,8 +1,10 @@
 """The fedtail ClientApp (Flower Message API).
 
 ``query``: report this node's partition id and class counts once (the server derives the global class
-prior from them). ``train``: train the received global model on this client's samples of the current
-task's classes and return the update. Persistent per-client state lives in ``context.state``.
+prior from them); it leaves the persistent state alone, which only training changes. ``train``: train the
+received global model on this client's samples of the current task's classes and return the update.
+Persistent per-client state lives in ``context.state``; the `persist_state` mod carries it into the
+server's checkpoints and back on resume.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.local import ClientData, LocalContext, load_client_data, train_local
+from clients.state import persist_state
 from fedtail import protocol as P
 from fedtail.models import build_model, load_arrays, resolve_device, to_arrays
 from fedtail.staging import staged_meta
 
 STATE_KEY = "fedtail-client"
 
-app = ClientApp()
+app = ClientApp(mods=[persist_state])  # context.state travels into checkpoints
 
 
 def _job_and_data(msg: Message, context: Context) -> tuple[P.Job, int, ClientData]:
@@ -41,8 +44,6 @@ def _client_state(context: Context) -> ConfigRecord:
 def query(msg: Message, context: Context) -> Message:
     job, pid, data = _job_and_data(msg, context)
     counts = data.class_counts(job.config.num_classes)
-    state = _client_state(context)
-    state[P.CLASS_COUNTS] = counts.tolist()
     info = ConfigRecord(
         {P.PARTITION_ID: pid, P.CLASS_COUNTS: counts.tolist(), "num-unlabeled": len(data.x_unlabeled)}
     )

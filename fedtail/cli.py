@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from pathlib import Path
 
-from fedtail import io
+from fedtail import io, runs
 from fedtail.config import DEFAULT_CONFIG_FILE, ConfigError, FedtailConfig, load_config, parse_override
 
 log = logging.getLogger("fedtail")
@@ -44,6 +43,24 @@ def _run_id_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--run-id", required=required, help="run folder name under output.runs_dir")
 
 
+def _existing_run_args(p: argparse.ArgumentParser, resume_takes_id: bool) -> None:
+    """``--resume`` / ``--overwrite``: without one of them an existing run folder is refused."""
+    group = p.add_mutually_exclusive_group()
+    if resume_takes_id:
+        group.add_argument("--resume", metavar="RUN_ID", help="continue a stopped run from its checkpoint")
+    else:
+        group.add_argument("--resume", action="store_true", help="continue --run-id from its last checkpoint")
+    group.add_argument(
+        "--overwrite", action="store_true", help="replace an existing run folder (only one fedtail created)"
+    )
+
+
+def _mode(args: argparse.Namespace) -> runs.Mode:
+    if getattr(args, "resume", None):
+        return runs.Mode.RESUME
+    return runs.Mode.OVERWRITE if getattr(args, "overwrite", False) else runs.Mode.NEW
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedtail",
@@ -61,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run", "the whole pipeline as a Prefect flow (verify data, stage, partition, simulate, report)"
     )
     _run_id_arg(p)
-    p.add_argument("--resume", metavar="RUN_ID", help="continue a crashed run from its last checkpoint")
+    _existing_run_args(p, resume_takes_id=True)
     command("serve", "serve the pipeline as a Prefect deployment on the config's cron schedule(s)")
     p = command("stage", "DVC stage 1: verify data/ against data.dvc, write normalised arrays")
     p.add_argument(
@@ -72,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("partition", "DVC stage 2: long tail, non-IID client split, task schedule")
     p = command("simulate", "DVC stage 3: run the Flower federation on the configured engine")
     _run_id_arg(p)
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
+    _existing_run_args(p, resume_takes_id=False)
     p = command("report", "DVC stage 4: plots and report.md for a finished run")
     _run_id_arg(p, required=True)
     return parser
@@ -98,21 +115,44 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root)
     try:
         if args.command == "run" and args.resume:
-            runs_dir = _config(args).output.runs_dir  # where the crashed run lives, overrides included
-            args.config = str(io.under(root, runs_dir) / args.resume / "config.yaml")
+            # the crashed run's own config.yaml, found where the overrides say runs live
+            run_dir = runs.run_path(io.under(root, _config(args).output.runs_dir), args.resume)
+            if not (run_dir / "config.yaml").is_file():
+                raise runs.RunFolderError(f"cannot resume {args.resume!r}: no config.yaml in {run_dir}")
+            args.config = str(run_dir / "config.yaml")
             args.run_id = args.resume
         cfg = _config(args)
+        if args.command in ("run", "simulate"):
+            if args.resume and not cfg.output.run_id:
+                raise runs.RunFolderError("--resume needs --run-id RUN_ID: the run to continue")
+            if not cfg.output.run_id:
+                args.run_id = runs.new_run_id(cfg)  # known up front, so an interrupted run can say its id
+                cfg = _config(args)
+            runs.check_target(io.under(root, cfg.output.runs_dir) / str(cfg.output.run_id), _mode(args))
     except ConfigError as err:
         print(f"fedtail: {err}", file=sys.stderr)
         return 2
+    try:
+        return _dispatch(args, cfg, root)
+    except ConfigError as err:  # run folders and checkpoints found unusable once work began
+        print(f"fedtail: {err}", file=sys.stderr)
+        return 2
 
+
+def _dispatch(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
     from fedtail import pipeline
 
     if args.command == "run":
         from flows.pipeline import fl_pipeline
 
         log.setLevel(logging.WARNING)  # the flow's run logger prints the per-round progress
-        run_dir = fl_pipeline(config_path=args.config, overrides=_overrides(args), root=str(root))
+        run_dir = fl_pipeline(
+            config_path=args.config,
+            overrides=_overrides(args),
+            root=str(root),
+            resume=bool(args.resume),
+            overwrite=args.overwrite,
+        )
         print(f"report: {Path(run_dir) / 'report.md'}")
     elif args.command == "serve":
         from flows.serve import serve
@@ -134,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "simulate":
         staged = pipeline.stage(cfg, root)
         parts = pipeline.partition(cfg, staged, root)
-        run_dir = pipeline.new_run_dir(cfg, root)
-        if args.overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
-        pipeline.simulate(cfg, staged, parts, run_dir)
+        run_dir = pipeline.simulate(cfg, staged, parts, pipeline.new_run_dir(cfg, root), mode=_mode(args))
         print(run_dir)
     elif args.command == "report":
         print(pipeline.report(pipeline.new_run_dir(cfg, root)))

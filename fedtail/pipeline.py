@@ -12,10 +12,9 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
-from fedtail import io
+from fedtail import io, runs
 from fedtail import staging as _staging
 from fedtail.config import FedtailConfig
 from fedtail.partition import partition_labels, write_partition
@@ -63,9 +62,8 @@ def partition(cfg: FedtailConfig, staged_dir: Path, root: Path = Path(".")) -> P
 
 
 def new_run_dir(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
-    """``runs/<run-id>``: the configured id, else UTC time + config hash (sortable, unique per config)."""
-    run_id = cfg.output.run_id or f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{cfg.fingerprint()[:8]}"
-    return io.under(root, cfg.output.runs_dir) / run_id
+    """``<runs_dir>/<run-id>``: ``output.run_id``, else a fresh id (UTC time + config hash + random)."""
+    return runs.run_path(io.under(root, cfg.output.runs_dir), cfg.output.run_id or runs.new_run_id(cfg))
 
 
 @contextlib.contextmanager
@@ -92,24 +90,32 @@ def simulate(
     partition_dir: Path,
     run_dir: Path,
     on_round: Callable[[dict], None] | None = None,
+    mode: runs.Mode = runs.Mode.NEW,
+    client_app: str = CLIENT_APP,
 ) -> Path:
-    """Run the federation on the configured engine; resumes from ``run_dir/checkpoint`` if present."""
+    """Run the federation on the configured engine into ``run_dir``, claimed (locked) for the whole run.
+
+    ``mode`` says what an existing folder means: an error (new), a checkpoint to continue (resume), or a
+    fedtail run to replace (overwrite). ``client_app`` is the ClientApp's import path (engines load it
+    in their own processes).
+    """
     from server.app import build_server_app, write_run_header
-    from server.recorder import read_checkpoint_state
+    from server.recorder import read_checkpoint
 
     job = Job(cfg, Path(staged_dir).resolve(), Path(partition_dir).resolve())
-    run_dir = Path(run_dir)
-    read_checkpoint_state(run_dir, cfg)  # a foreign checkpoint fails here, before anything is written
-    write_run_header(job, run_dir)
-    start = time.perf_counter()
-    server_app = build_server_app(job, run_dir, on_round)
-    with flower_logs(cfg.engine.verbose):
-        ENGINES.get(cfg.engine.name)(server_app, CLIENT_APP, cfg)
-    if not (run_dir / "metrics.json").is_file():
-        raise RuntimeError(f"the federation ended without writing {run_dir / 'metrics.json'}")
-    io.write_json(
-        run_dir / "timing.json", {"engine": cfg.engine.name, "simulate_seconds": time.perf_counter() - start}
-    )
+    with runs.claim(run_dir, mode) as run_dir:
+        read_checkpoint(run_dir, cfg)  # a foreign checkpoint fails here, before anything is written
+        write_run_header(job, run_dir)
+        start = time.perf_counter()
+        server_app = build_server_app(job, run_dir, on_round)
+        with flower_logs(cfg.engine.verbose):
+            ENGINES.get(cfg.engine.name)(server_app, client_app, cfg)
+        if not (run_dir / "metrics.json").is_file():
+            raise RuntimeError(f"the federation ended without writing {run_dir / 'metrics.json'}")
+        io.write_json(
+            run_dir / "timing.json",
+            {"engine": cfg.engine.name, "simulate_seconds": time.perf_counter() - start},
+        )
     return run_dir
 
 
@@ -117,4 +123,8 @@ def report(run_dir: Path) -> Path:
     """Plots and ``report.md`` for a finished run; returns the report path."""
     from fedtail.report import write_report
 
-    return write_report(Path(run_dir))
+    run_dir = Path(run_dir)
+    if not runs.is_run(run_dir):
+        raise runs.RunFolderError(f"{run_dir} is not a fedtail run folder (no {runs.MARKER} marker)")
+    with runs.lock_run(run_dir):
+        return write_report(run_dir)

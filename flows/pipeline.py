@@ -28,7 +28,7 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from fedtail import pipeline
+from fedtail import pipeline, runs
 from fedtail.config import FedtailConfig, load_config
 from fedtail.report import rounds_table, summary_markdown
 from fedtail.staging import ensure_raw
@@ -124,7 +124,9 @@ def partition_task(cfg: FedtailConfig, staged_dir: Path, root: Path) -> Path:
 
 
 @task(name="simulate", cache_policy=NO_CACHE, persist_result=False)
-def simulate_task(cfg: FedtailConfig, staged_dir: Path, partition_dir: Path, run_dir: Path) -> Path:
+def simulate_task(
+    cfg: FedtailConfig, staged_dir: Path, partition_dir: Path, run_dir: Path, mode: runs.Mode = runs.Mode.NEW
+) -> Path:
     """Train; every round moves the progress artifact and logs one line to the Prefect run log."""
     logger = get_run_logger()  # captured here: Flower may call on_round from its own thread
     num_tasks, rounds = cfg.num_tasks, cfg.federation.rounds_per_task
@@ -140,7 +142,7 @@ def simulate_task(cfg: FedtailConfig, staged_dir: Path, partition_dir: Path, run
         except Exception as err:  # a UI progress bar must never stop hours of training
             logger.warning("progress artifact not updated: %s", err)
 
-    return pipeline.simulate(cfg, staged_dir, partition_dir, run_dir, on_round)
+    return pipeline.simulate(cfg, staged_dir, partition_dir, run_dir, on_round, mode)
 
 
 @task(name="report", cache_policy=NO_CACHE, persist_result=False)
@@ -167,14 +169,24 @@ def fl_pipeline(
     config_path: str = "params.yaml",
     overrides: dict[str, Any] | None = None,
     root: str = ".",
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> str:
-    """Run the whole experiment; returns the run folder. Data steps are cached across runs."""
+    """Run the whole experiment; returns the run folder. Data steps are cached across runs.
+
+    An existing run folder is refused unless ``resume`` (continue its checkpoint) or ``overwrite``
+    (replace it) is set; both are checked before any task runs.
+    """
     cfg = load_config(config_path, overrides or {})
+    if resume and overwrite:
+        raise runs.RunFolderError("resume and overwrite exclude each other: choose one")
+    mode = runs.Mode.RESUME if resume else runs.Mode.OVERWRITE if overwrite else runs.Mode.NEW
     root_dir = Path(root).resolve()
+    run_dir = pipeline.new_run_dir(cfg, root_dir)
+    runs.check_target(run_dir, mode)
     verify_data_task(cfg, root_dir)
     staged = stage_task(cfg, root_dir)
     parts = partition_task(cfg, staged, root_dir)
-    run_dir = pipeline.new_run_dir(cfg, root_dir)
-    simulate_task(cfg, staged, parts, run_dir)
+    simulate_task(cfg, staged, parts, run_dir, mode)
     report_task(run_dir)
     return str(run_dir)

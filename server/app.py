@@ -20,7 +20,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedtail import io
+from clients.state import from_bytes, restore_content
+from fedtail import io, runs
 from fedtail import protocol as P
 from fedtail.config import from_run_config, parse_override
 from fedtail.models import build_model, resolve_device, to_arrays
@@ -70,6 +71,31 @@ def discover_clients(grid: Grid, job: P.Job, timeout: float) -> tuple[dict[int, 
     return node_of, counts
 
 
+def restore_client_states(
+    grid: Grid, node_of: dict[int, int], states: dict[int, bytes], timeout: float
+) -> None:
+    """Resume: put every node's ``context.state`` back to the checkpoint's copy (empty if it had none).
+
+    Every node gets one, so a node whose state moved past the checkpoint (a long-lived SuperNode) is
+    reset too; without this a resumed run's stateful clients would silently start over.
+    """
+    messages = [
+        Message(
+            content=restore_content(from_bytes(states[pid]) if pid in states else RecordDict()),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
+        for pid, node in sorted(node_of.items())
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    errors = [r.error.reason for r in replies if r.has_error()]
+    if errors or len(replies) != len(messages):
+        raise RuntimeError(
+            f"could not restore the clients' state for resuming ({len(replies)}/{len(messages)} replies): "
+            f"{errors[:3]}"
+        )
+
+
 def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | None = None) -> dict:
     """The server loop over tasks and rounds; returns the final metrics (also in metrics.json)."""
     cfg = job.config
@@ -81,8 +107,11 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
     node_of, counts = discover_clients(grid, job, cfg.engine.timeout)
     prior = counts.sum(axis=0) / max(int(counts.sum()), 1)
     recorder = RunRecorder(run_dir, cfg, schedule)
+    if recorder.resumed:
+        restore_client_states(grid, node_of, recorder.client_states, cfg.engine.timeout)
     arrays = recorder.arrays or to_arrays(model)
     strategy = STRATEGIES.get(cfg.strategy.name).from_config(cfg, node_of)
+    strategy.client_info, strategy.client_states = recorder.client_info, recorder.client_states
     rounds, n_tasks = cfg.federation.rounds_per_task, schedule.num_tasks
 
     for t in range(recorder.tasks_done, n_tasks):
@@ -111,7 +140,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
                 "task": t,
                 "round": r,
                 "global_round": t * rounds + r,
-                "num_clients": len(strategy.last_sampled),
+                **strategy.last_counts._asdict(),
                 "train_loss": strategy.last_train_loss,
                 "accuracy": res["accuracy"],
                 "balanced_accuracy": res["balanced_accuracy"],
@@ -119,7 +148,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
                 "num_seen_classes": len(seen),
                 **recall,
             }
-            recorder.record_round(row, arrays)
+            recorder.record_round(row, arrays, strategy.client_info, strategy.client_states)
             log.info(
                 "task %d/%d round %d/%d  balanced_acc=%.4f  acc=%.4f  macro_f1=%.4f",
                 t + 1,
@@ -153,7 +182,6 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
 
 def write_run_header(job: P.Job, run_dir: Path) -> None:
     """Resolved config and the partition's tables, so a run folder explains itself."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     io.write_text(run_dir / "config.yaml", job.config.to_yaml())
     for src, dst in (
         ("stats.csv", "partition_stats.csv"),
@@ -190,9 +218,9 @@ def flwr_main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(run_config, root)
     staged = pipeline.stage(cfg, root)
     parts = pipeline.partition(cfg, staged, root)
-    run_dir = pipeline.new_run_dir(cfg, root)
     job = P.Job(cfg, staged, parts)
-    write_run_header(job, run_dir)
-    run_federation(grid, job, run_dir)
-    pipeline.report(run_dir)
+    with runs.claim(pipeline.new_run_dir(cfg, root), runs.Mode.NEW) as run_dir:
+        write_run_header(job, run_dir)
+        run_federation(grid, job, run_dir)
+        pipeline.report(run_dir)
     log.info("report: %s", run_dir / "report.md")

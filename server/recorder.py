@@ -1,9 +1,8 @@
 """Everything a run writes into ``runs/<run-id>/``, atomically, plus the checkpoint that lets a crashed
-run resume after its last completed round."""
+run resume after its last completed round to exactly the result it would have had."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedtail import io
-from fedtail.config import FedtailConfig
+from fedtail.config import ConfigError, FedtailConfig
 from fedtail.metrics import (
     average_incremental_accuracy,
     backward_transfer,
@@ -22,25 +21,43 @@ from fedtail.metrics import (
 )
 from fedtail.tasks import TaskSchedule
 
-CHECKPOINT = "checkpoint"
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
 
 
-def read_checkpoint_state(run_dir: Path, cfg: FedtailConfig) -> dict | None:
-    """The checkpoint of ``run_dir`` if any; refuses one written under a different config."""
-    state_file = Path(run_dir) / CHECKPOINT / "state.json"
-    if not state_file.is_file():
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed: unreadable, of another format, or of another experiment."""
+
+
+def read_checkpoint(run_dir: Path, cfg: FedtailConfig) -> dict | None:
+    """The checkpoint of ``run_dir`` if any; refuses one written under a different experiment config."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
         return None
-    state = json.loads(state_file.read_text())
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a fedtail checkpoint of format {CHECKPOINT_FORMAT}")
     if state["config_fingerprint"] != cfg.experiment_fingerprint():
-        raise ValueError(
+        raise CheckpointError(
             f"{run_dir}: its checkpoint was written with a different config; resume with the run's own "
             "config.yaml (fedtail run --resume RUN_ID) or choose a new output.run_id"
         )
     return state
 
 
+def _bytes_tensor(blob: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).copy())
+
+
 class RunRecorder:
-    """Accumulates per-round rows and the accuracy matrix; resumes from ``checkpoint/`` if present."""
+    """Accumulates per-round rows and the accuracy matrix; resumes from the checkpoint if present.
+
+    The checkpoint is one file written atomically (model, rows, accuracy matrix, clients' info and
+    persistent state together): a kill at any instant leaves the previous round's or the new one.
+    """
 
     def __init__(self, run_dir: Path, cfg: FedtailConfig, schedule: TaskSchedule) -> None:
         self.run_dir = Path(run_dir)
@@ -51,18 +68,23 @@ class RunRecorder:
         self.acc_matrix = np.full((t, t), np.nan)
         self.tasks_done = 0
         self.arrays: ArrayRecord | None = None
+        self.client_info: dict[int, dict] = {}
+        self.client_states: dict[int, bytes] = {}
+        self.resumed = False
         self._load_checkpoint()
 
     # ---- resume ---------------------------------------------------------------------------------
     def _load_checkpoint(self) -> None:
-        state = read_checkpoint_state(self.run_dir, self.cfg)
+        state = read_checkpoint(self.run_dir, self.cfg)
         if state is None:
             return
+        self.resumed = True
         self.rows = state["rows"]
         self.acc_matrix = np.array(state["acc_matrix"], dtype=float)
         self.tasks_done = int(state["tasks_done"])
-        weights = torch.load(self.run_dir / CHECKPOINT / "arrays.pt", weights_only=True)
-        self.arrays = ArrayRecord(weights)
+        self.arrays = None if state["arrays"] is None else ArrayRecord(state["arrays"])
+        self.client_info = dict(state["client_info"])
+        self.client_states = {pid: t.numpy().tobytes() for pid, t in state["client_states"].items()}
 
     @property
     def rounds_done(self) -> int:
@@ -72,11 +94,14 @@ class RunRecorder:
         return sum(1 for r in self.rows if r["task"] == task)
 
     # ---- recording ------------------------------------------------------------------------------
-    def record_round(self, row: dict, arrays: ArrayRecord) -> None:
+    def record_round(
+        self, row: dict, arrays: ArrayRecord, client_info: dict[int, dict], client_states: dict[int, bytes]
+    ) -> None:
         self.rows.append(row)
         self.arrays = arrays
-        self._write_rounds()
+        self.client_info, self.client_states = client_info, client_states
         self._checkpoint()
+        self._write_rounds()
 
     def end_task(self, task: int, accuracies: list[float]) -> None:
         self.acc_matrix[task, : len(accuracies)] = accuracies
@@ -85,19 +110,17 @@ class RunRecorder:
         self._write_matrix()
 
     def _checkpoint(self) -> None:
-        ck = self.run_dir / CHECKPOINT
-        if self.arrays is not None:
-            state_dict = self.arrays.to_torch_state_dict()
-            io.write_with(ck / "arrays.pt", lambda fh: torch.save(state_dict, fh))
-        io.write_json(
-            ck / "state.json",
-            {
-                "config_fingerprint": self.cfg.experiment_fingerprint(),
-                "rows": self.rows,
-                "acc_matrix": [[None if math.isnan(v) else v for v in r] for r in self.acc_matrix.tolist()],
-                "tasks_done": self.tasks_done,
-            },
-        )
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config_fingerprint": self.cfg.experiment_fingerprint(),
+            "rows": self.rows,
+            "acc_matrix": [[None if math.isnan(v) else v for v in r] for r in self.acc_matrix.tolist()],
+            "tasks_done": self.tasks_done,
+            "arrays": None if self.arrays is None else self.arrays.to_torch_state_dict(),
+            "client_info": self.client_info,
+            "client_states": {pid: _bytes_tensor(blob) for pid, blob in self.client_states.items()},
+        }
+        io.write_with(self.run_dir / CHECKPOINT, lambda fh: torch.save(state, fh))
 
     def _write_rounds(self) -> None:
         frame = pd.DataFrame(self.rows)

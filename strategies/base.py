@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from clients.state import split_state
+from clients.state import to_bytes as state_to_bytes
 from fedtail import protocol as P
 from fedtail.config import FedtailConfig
 
@@ -24,6 +27,15 @@ log = logging.getLogger("fedtail.strategy")
 
 class ClientUpdateError(RuntimeError):
     """No usable client update in a round (all failed or were rejected)."""
+
+
+class RoundCounts(NamedTuple):
+    """What happened to one round's sampled clients (rounds.csv columns of the same names)."""
+
+    num_sampled: int = 0
+    num_clients: int = 0  # updates actually aggregated
+    num_failed: int = 0  # error replies and clients that never replied
+    num_rejected: int = 0  # replies whose update failed the checks
 
 
 def sample_partitions(
@@ -59,8 +71,10 @@ class FedtailStrategy:
         self.node_of_partition = dict(node_of_partition)
         self.round_offset = 0
         self.client_info: dict[int, dict] = {}
+        self.client_states: dict[int, bytes] = {}
         self.last_sampled: list[int] = []
         self.last_train_loss = float("nan")
+        self.last_counts = RoundCounts()
         self._reference: ArrayRecord | None = None
 
     @classmethod
@@ -109,28 +123,29 @@ class FedtailStrategy:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         usable: list[tuple[int, Message]] = []
-        problems: list[str] = []
+        missing = len(self.last_sampled) - len(replies)
+        failed = [f"{missing} sampled client(s) sent no reply within the timeout"] if missing > 0 else []
+        rejected: list[str] = []
         for msg in replies:
             if msg.has_error():
-                problems.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+                failed.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
                 continue
-            pid = int(msg.content[P.INFO][P.PARTITION_ID])
-            self.client_info[pid] = dict(msg.content[P.INFO])
-            reference = self._reference
-            reason = None if reference is None else check_update(pid, msg.content[P.ARRAYS], reference)
+            pid, reason = self._accept(msg)
             if reason:
-                problems.append(reason)
-                continue
-            if int(msg.content[P.METRICS][P.NUM_EXAMPLES]) > 0:
+                rejected.append(reason)
+            elif int(msg.content[P.METRICS][P.NUM_EXAMPLES]) > 0:
                 usable.append((pid, msg))
-        for problem in problems:
-            log.warning("round %d: rejected update: %s", self.global_round(server_round), problem)
+        n_failed = max(missing, 0) + sum(m.has_error() for m in replies)
+        self.last_counts = RoundCounts(len(self.last_sampled), len(usable), n_failed, len(rejected))
+        gr = self.global_round(server_round)
+        for problem in failed:
+            log.warning("round %d: failed client: %s", gr, problem)
+        for problem in rejected:
+            log.warning("round %d: rejected update: %s", gr, problem)
         if not usable:
-            if problems:
-                raise ClientUpdateError(
-                    f"round {self.global_round(server_round)}: no usable client update; "
-                    + "; ".join(problems)
-                )
+            if failed or rejected:
+                problems = "; ".join(failed + rejected)
+                raise ClientUpdateError(f"round {gr}: no usable client update; {problems}")
             self.last_train_loss = float("nan")
             return None, None  # every sampled client had no data of this task: keep the model
         usable.sort(key=lambda item: item[0])
@@ -138,3 +153,17 @@ class FedtailStrategy:
         if metrics is not None and P.TRAIN_LOSS in metrics:
             self.last_train_loss = float(metrics[P.TRAIN_LOSS])
         return arrays, metrics
+
+    def _accept(self, msg: Message) -> tuple[int, str | None]:
+        """Keep a reply's client state and info; say why its update can't be averaged, if it can't."""
+        try:
+            pid = int(msg.content[P.INFO][P.PARTITION_ID])
+        except (KeyError, TypeError, ValueError):
+            return -1, f"node {msg.metadata.src_node_id}: reply carries no {P.INFO}.{P.PARTITION_ID}"
+        # the client trained, so its state moved on whether or not its update is used
+        self.client_states[pid] = state_to_bytes(split_state(msg.content))
+        self.client_info[pid] = dict(msg.content[P.INFO])
+        if P.ARRAYS not in msg.content.array_records or P.METRICS not in msg.content.metric_records:
+            return pid, f"client {pid}: reply lacks its {P.ARRAYS!r} or {P.METRICS!r} record"
+        reference = self._reference
+        return pid, None if reference is None else check_update(pid, msg.content[P.ARRAYS], reference)

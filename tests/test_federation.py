@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fedtail import pipeline
+from fedtail import pipeline, runs
 from tests.conftest import crashed_run, smoke_config
 
 
@@ -73,7 +73,7 @@ def test_crashed_run_resumes_to_the_same_result(project: Path, inprocess_run: tu
     run_dir = crashed_run(cfg, project, crash_at=3)
     assert len(pd.read_csv(run_dir / "rounds.csv")) == 3
     staged = pipeline.stage(cfg, project)
-    pipeline.simulate(cfg, staged, pipeline.partition(cfg, staged, project), run_dir)
+    pipeline.simulate(cfg, staged, pipeline.partition(cfg, staged, project), run_dir, mode=runs.Mode.RESUME)
     resumed = json.loads((run_dir / "metrics.json").read_text())
     assert resumed == inprocess_run[1]
 
