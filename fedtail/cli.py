@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         args.overrides.append("engine.verbose=true")
     root = Path(args.root)
+    from fedtail import pipeline
+
     try:
         if args.command == "run" and args.resume:
             # the crashed run's own config.yaml, found where the overrides say runs live
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             if not cfg.output.run_id:
                 args.run_id = runs.new_run_id(cfg)  # known up front, so an interrupted run can say its id
                 cfg = _config(args)
-            runs.check_target(io.under(root, cfg.output.runs_dir) / str(cfg.output.run_id), _mode(args))
+            runs.check_target(pipeline.new_run_dir(cfg, root), _mode(args))
     except ConfigError as err:
         print(f"fedtail: {err}", file=sys.stderr)
         return 2

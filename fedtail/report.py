@@ -148,6 +148,29 @@ def _config_essentials(cfg: dict[str, Any]) -> list[tuple[str, Any]]:
     return out
 
 
+UPDATE_COUNTS = ("num_sampled", "num_clients", "num_failed", "num_rejected")
+
+
+def client_updates_markdown(rounds: pd.DataFrame) -> list[str]:
+    """Totals of sampled / aggregated / failed / rejected client updates, and the rounds that lost some."""
+    if not set(UPDATE_COUNTS) <= set(rounds.columns):
+        return []  # a run recorded before these columns existed
+    totals = [int(rounds[c].sum()) for c in UPDATE_COUNTS]
+    parts = [
+        "## Client updates",
+        _table(["sampled", "aggregated", "failed", "rejected"], [totals]),
+    ]
+    lost = rounds[(rounds["num_failed"] > 0) | (rounds["num_rejected"] > 0)]
+    if len(lost):
+        cols = ["task", "round", "global_round", *UPDATE_COUNTS]
+        parts += [
+            "Rounds in which client updates failed (error or no reply in time) or were rejected "
+            "(wrong keys or shapes, NaN/Inf); their reasons are in the run's log:",
+            _table(cols, lost[cols].to_numpy().tolist()),
+        ]
+    return parts
+
+
 def summary_markdown(run_dir: Path) -> str:
     """Metrics, config essentials, accuracy matrix and last round as markdown (no images).
 
@@ -174,6 +197,7 @@ def summary_markdown(run_dir: Path) -> str:
                 [[f"task_{i}", *row] for i, row in zip(matrix.index, matrix.to_numpy(), strict=True)],
             ),
         ]
+    parts += client_updates_markdown(rounds)
     last = rounds.iloc[-1:].to_dict("records")[0]  # keeps each column's dtype (ints stay ints)
     main = [(c, v) for c, v in last.items() if not c.startswith(RECALL_PREFIX)]
     parts += ["## Last round", _table(["column", "value"], main)]

@@ -226,3 +226,19 @@ def test_stage_cache_key_reads_the_configured_data_dir(tmp_path: Path) -> None:
     cfg = load_config(SMOKE, {"output.data_dir": "raw"})
     assert "ab" * 16 in cache_key_stage(cfg, tmp_path)
     assert "ab" * 16 not in cache_key_stage(load_config(SMOKE), tmp_path)  # data/ has no data.dvc here
+
+
+def test_flow_refuses_an_existing_run_before_any_task(prefect_server: None, tmp_path: Path) -> None:
+    """A scheduled or UI-started flow is held to the same rule as the CLI: no silent overwrite."""
+    from fedtail import runs
+
+    with runs.claim(tmp_path / "runs" / "taken", runs.Mode.NEW) as run_dir:
+        (run_dir / "metrics.json").write_text("{}\n")
+    overrides = {"output.runs_dir": str(tmp_path / "runs"), "output.run_id": "taken"}
+    state = fl_pipeline(config_path=SMOKE, overrides=overrides, root=str(tmp_path), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(runs.RunFolderError, match="already exists"):
+        state.result()
+    time.sleep(1.0)
+    assert task_states(state, expected=0, timeout=0) == {}
+    assert (run_dir / "metrics.json").read_text() == "{}\n"

@@ -38,7 +38,10 @@ def make_run(run_dir: Path, tasks: list[list[int]], rounds_per_task: int = 2, he
                 "task": t,
                 "round": r,
                 "global_round": t * rounds_per_task + r,
+                "num_sampled": 3,
                 "num_clients": 3,
+                "num_failed": 0,
+                "num_rejected": 0,
                 "train_loss": float(rng.uniform(0.1, 2.0)),
                 "accuracy": float(rng.uniform(0.3, 0.9)),
                 "balanced_accuracy": float(rng.uniform(0.3, 0.9)),
@@ -149,3 +152,17 @@ def test_report_requires_a_finished_run(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="metrics.json"):
         write_report(tmp_path / "empty")
     assert not (tmp_path / "empty" / "plots").exists()
+
+
+def test_report_shows_failed_and_rejected_client_updates(tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    make_run(run_dir, [[0, 1], [2, 3]])
+    assert "| 12 | 12 | 0 | 0 |" in summary_markdown(run_dir) and "Rounds in which" not in summary_markdown(
+        run_dir
+    )
+    rounds = pd.read_csv(run_dir / "rounds.csv")
+    rounds.loc[2, ["num_clients", "num_failed", "num_rejected"]] = [1, 1, 1]
+    rounds.to_csv(run_dir / "rounds.csv", index=False)
+    md = summary_markdown(run_dir)
+    assert "| 12 | 10 | 1 | 1 |" in md  # sampled, aggregated, failed, rejected over all rounds
+    assert "| 1 | 1 | 3 | 3 | 1 | 1 | 1 |" in md  # task 1 round 1 (global round 3) lost two updates

@@ -75,3 +75,35 @@ def test_bad_updates_are_dropped_and_all_bad_is_an_error() -> None:
     np.testing.assert_allclose(arrays["w"].numpy(), 2.0)
     with pytest.raises(ClientUpdateError, match="NaN"):
         strategy.aggregate_train(2, [_reply(1, np.inf, 5)])
+
+
+def test_round_counts_failed_rejected_and_missing_replies() -> None:
+    """num_clients counts what was aggregated; failed = error replies + sampled clients that never replied."""
+    from flwr.app import Error
+
+    strategy = _strategy(4)
+    strategy.last_sampled = [0, 1, 2, 3]
+    error = Message(Error(code=0, reason="boom"), reply_to=_reply(2, 0.0, 1))
+    arrays, _ = strategy.aggregate_train(1, [_reply(0, 2.0, 5), _reply(1, np.nan, 5), error])
+    np.testing.assert_allclose(arrays["w"].numpy(), 2.0)
+    assert strategy.last_counts._asdict() == {
+        "num_sampled": 4,
+        "num_clients": 1,
+        "num_failed": 2,
+        "num_rejected": 1,
+    }
+
+
+def test_client_state_records_are_kept_apart_from_the_update() -> None:
+    """A reply carrying ``state:`` records (the persist_state mod) still aggregates: FedAvg sees one
+    ArrayRecord, and the strategy keeps the state for the checkpoint."""
+    from clients.state import from_bytes
+
+    strategy = _strategy()
+    replies = [_reply(0, 1.0, 10), _reply(1, 3.0, 10)]
+    replies[0].content["state:memory"] = _arrays(7.0)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), 2.0)
+    kept = from_bytes(strategy.client_states[0])
+    np.testing.assert_array_equal(kept["memory"]["w"].numpy(), np.full((2, 3), 7.0, np.float32))
+    assert len(from_bytes(strategy.client_states[1])) == 0

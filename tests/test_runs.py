@@ -1,0 +1,176 @@
+"""Run folders: ids are names, fedtail deletes only its own runs, one writer per run, ids never collide."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from fedtail import runs
+from fedtail.cli import main
+from fedtail.config import load_config
+from tests.conftest import REPO
+
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+@pytest.mark.parametrize(
+    "bad", ["", ".", "..", "../x", "/tmp/x", "a/b", "a\\b", "-rf", ".hidden", "a b", "x\n", "é", "x" * 101]
+)
+def test_run_ids_are_plain_names(bad: str) -> None:
+    with pytest.raises(runs.RunFolderError, match="not a plain name"):
+        runs.check_run_id(bad)
+
+
+@pytest.mark.parametrize("good", ["dvc", "r", "20261123-053000-abcd1234-0f0f0f", "exp_1.2-b", "x" * 100])
+def test_plain_run_ids_pass(good: str) -> None:
+    assert runs.check_run_id(good) == good
+
+
+def test_generated_ids_differ_within_one_second() -> None:
+    cfg = load_config(SMOKE)
+    ids = {runs.new_run_id(cfg) for _ in range(1000)}
+    assert len(ids) == 1000 and all(runs.check_run_id(i) for i in ids)
+
+
+def test_new_run_refuses_an_existing_folder(tmp_path: Path) -> None:
+    with runs.claim(tmp_path / "r", runs.Mode.NEW) as run_dir:
+        (run_dir / "rounds.csv").write_text("precious\n")
+    with pytest.raises(runs.RunFolderError, match="already exists: --resume r continues it, --overwrite"):
+        runs.check_target(tmp_path / "r", runs.Mode.NEW)
+    with (
+        pytest.raises(runs.RunFolderError, match="already exists"),
+        runs.claim(tmp_path / "r", runs.Mode.NEW),
+    ):
+        pass
+    assert (tmp_path / "r" / "rounds.csv").read_text() == "precious\n"
+
+
+def test_overwrite_removes_only_fedtail_runs(tmp_path: Path) -> None:
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work\n")
+    with (
+        pytest.raises(runs.RunFolderError, match="not a folder fedtail created"),
+        runs.claim(mine, runs.Mode.OVERWRITE),
+    ):
+        pass
+    assert (mine / "thesis.tex").read_text() == "years of work\n"
+
+    with runs.claim(tmp_path / "r", runs.Mode.NEW) as run_dir:
+        (run_dir / "old.csv").write_text("old\n")
+    with runs.claim(tmp_path / "r", runs.Mode.OVERWRITE) as run_dir:
+        assert sorted(p.name for p in run_dir.iterdir()) == [runs.MARKER]
+
+
+def test_overwrite_refuses_a_symlinked_run(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    with runs.claim(target, runs.Mode.NEW):
+        (target / "data.npy").write_text("keep\n")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "r").symlink_to(target)
+    with pytest.raises(runs.RunFolderError, match="symbolic link"):
+        runs.check_target(tmp_path / "runs" / "r", runs.Mode.OVERWRITE)
+    assert (target / "data.npy").is_file()
+
+
+def test_resume_needs_a_fedtail_run(tmp_path: Path) -> None:
+    with pytest.raises(runs.RunFolderError, match="does not exist"):
+        runs.check_target(tmp_path / "nope", runs.Mode.RESUME)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(runs.RunFolderError, match="not a fedtail run"):
+        runs.check_target(tmp_path / "plain", runs.Mode.RESUME)
+
+
+def test_a_run_has_one_writer_at_a_time(tmp_path: Path) -> None:
+    with (
+        runs.claim(tmp_path / "r", runs.Mode.NEW),
+        pytest.raises(runs.RunFolderError, match=r"being written by process \d+"),
+        runs.claim(tmp_path / "r", runs.Mode.RESUME),
+    ):
+        pass
+    with runs.claim(tmp_path / "r", runs.Mode.RESUME):  # released on exit
+        pass
+
+
+def test_racing_starts_of_one_run_id_give_one_winner(tmp_path: Path) -> None:
+    barrier = threading.Barrier(8)
+    results: list[str] = []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            with runs.claim(tmp_path / "r", runs.Mode.NEW):
+                results.append("won")
+                barrier_done.wait()
+        except runs.RunFolderError:
+            results.append("refused")
+
+    barrier_done = threading.Event()
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    while len(results) < 8 and any(t.is_alive() for t in threads) and results.count("refused") < 7:
+        threading.Event().wait(0.01)
+    barrier_done.set()
+    for t in threads:
+        t.join(timeout=10)
+    assert sorted(results) == ["refused"] * 7 + ["won"]
+
+
+# ---- through the CLI, before any work --------------------------------------------------------------
+def _cli(project: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        str(SMOKE),
+        "--root",
+        str(project),
+        "--set",
+        f"output.runs_dir={tmp_path / 'runs'}",
+        "--set",
+        f"output.artifacts_dir={tmp_path / 'artifacts'}",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["simulate", "--run-id", "..", "--overwrite"],
+        ["simulate", "--run-id", ".", "--overwrite"],
+        ["simulate", "--run-id", "/tmp", "--overwrite"],
+        ["simulate", "--run-id", "../../x", "--overwrite"],
+        ["run", "--resume", ".."],
+        ["run", "--resume", "/etc"],
+        ["report", "--run-id", ".."],
+    ],
+)
+def test_cli_refuses_paths_as_run_ids(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    before = sorted(p.name for p in project.iterdir())
+    assert main([argv[0], *_cli(project, tmp_path, *argv[1:])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedtail: ") and "Traceback" not in err
+    assert "not a plain name" in err or "run_id" in err
+    assert sorted(p.name for p in project.iterdir()) == before
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "artifacts").exists()
+
+
+def test_cli_refuses_an_existing_run_without_resume_or_overwrite(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["simulate", *_cli(project, tmp_path, "--run-id", "a")]) == 0
+    metrics = (tmp_path / "runs" / "a" / "metrics.json").read_bytes()
+    capsys.readouterr()
+    assert main(["simulate", *_cli(project, tmp_path, "--run-id", "a")]) == 2
+    assert "already exists: --resume a continues it, --overwrite replaces it" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "a" / "metrics.json").read_bytes() == metrics
+    assert main(["simulate", *_cli(project, tmp_path, "--run-id", "a", "--overwrite")]) == 0
+    assert main(["run", *_cli(project, tmp_path, "--resume", "missing")]) == 2
+    assert "cannot resume 'missing'" in capsys.readouterr().err
+    user = tmp_path / "runs" / "mine"
+    user.mkdir()
+    assert main(["simulate", *_cli(project, tmp_path, "--run-id", "mine", "--overwrite")]) == 2
+    assert "not a folder fedtail created" in capsys.readouterr().err and user.is_dir()
