@@ -155,10 +155,14 @@ def client_updates_markdown(rounds: pd.DataFrame) -> list[str]:
     """Totals of sampled / aggregated / failed / rejected client updates, and the rounds that lost some."""
     if not set(UPDATE_COUNTS) <= set(rounds.columns):
         return []  # a run recorded before these columns existed
-    totals = [int(rounds[c].sum()) for c in UPDATE_COUNTS]
+    sampled, aggregated, failed, rejected = (int(rounds[c].sum()) for c in UPDATE_COUNTS)
+    no_data = sampled - aggregated - failed - rejected
     parts = [
         "## Client updates",
-        _table(["sampled", "aggregated", "failed", "rejected"], [totals]),
+        _table(
+            ["sampled", "aggregated", "failed", "rejected", "no data for the task"],
+            [[sampled, aggregated, failed, rejected, no_data]],
+        ),
     ]
     lost = rounds[(rounds["num_failed"] > 0) | (rounds["num_rejected"] > 0)]
     if len(lost):
