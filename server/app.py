@@ -222,5 +222,5 @@ def flwr_main(grid: Grid, context: Context) -> None:
     with runs.claim(pipeline.new_run_dir(cfg, root), runs.Mode.NEW) as run_dir:
         write_run_header(job, run_dir)
         run_federation(grid, job, run_dir)
-        pipeline.report(run_dir)
+    pipeline.report(run_dir)  # takes the run's lock itself
     log.info("report: %s", run_dir / "report.md")

@@ -81,3 +81,21 @@ def test_crashed_run_resumes_to_the_same_result(project: Path, inprocess_run: tu
 def test_worker_pool_matches_sequential(project: Path, inprocess_run: tuple[Path, dict]) -> None:
     _, pooled = _run(project, "pool", **{"engine.workers": 2})
     assert pooled == inprocess_run[1]
+
+
+def test_flwr_run_entry_point_runs_the_whole_pipeline(project: Path, tmp_path: Path) -> None:
+    """``flwr run .`` loads ``server.app:app``; drive it through a Grid with the run-config it would get."""
+    from flwr.app import Context, RecordDict
+
+    from fedtail.engines.inprocess import InProcessGrid, set_server_identity
+    from server.app import app
+    from tests.conftest import REPO
+
+    grid = InProcessGrid("clients.app:app", 3)
+    set_server_identity(grid.run_id)
+    overrides = f"output.runs_dir={tmp_path / 'runs'} output.artifacts_dir={tmp_path / 'art'} output.run_id=f"
+    run_config = {"config-file": str(REPO / "configs" / "smoke.yaml"), "root": str(project), "set": overrides}
+    app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    run_dir = tmp_path / "runs" / "f"
+    assert (run_dir / "metrics.json").is_file() and (run_dir / "report.md").is_file()
+    assert (run_dir / runs.MARKER).is_file()
