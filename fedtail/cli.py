@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             if not cfg.output.run_id:
                 args.run_id = runs.new_run_id(cfg)  # known up front, so an interrupted run can say its id
                 cfg = _config(args)
-            runs.check_target(pipeline.new_run_dir(cfg, root), _mode(args))
+            pipeline.check_run_target(cfg, pipeline.new_run_dir(cfg, root), _mode(args))
     except ConfigError as err:
         print(f"fedtail: {err}", file=sys.stderr)
         return 2

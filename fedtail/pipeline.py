@@ -84,6 +84,15 @@ def flower_logs(verbose: bool) -> Iterator[None]:
         logger.propagate = propagate
 
 
+def check_run_target(cfg: FedtailConfig, run_dir: Path, mode: runs.Mode) -> None:
+    """Before any work: the run folder suits ``mode``, and a run to resume has a usable checkpoint."""
+    from server.recorder import read_checkpoint
+
+    runs.check_target(run_dir, mode)
+    if mode is runs.Mode.RESUME:
+        read_checkpoint(run_dir, cfg)
+
+
 def simulate(
     cfg: FedtailConfig,
     staged_dir: Path,

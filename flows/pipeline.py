@@ -183,7 +183,7 @@ def fl_pipeline(
     mode = runs.Mode.RESUME if resume else runs.Mode.OVERWRITE if overwrite else runs.Mode.NEW
     root_dir = Path(root).resolve()
     run_dir = pipeline.new_run_dir(cfg, root_dir)
-    runs.check_target(run_dir, mode)
+    pipeline.check_run_target(cfg, run_dir, mode)
     verify_data_task(cfg, root_dir)
     staged = stage_task(cfg, root_dir)
     parts = partition_task(cfg, staged, root_dir)

@@ -25,6 +25,9 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 
 
+_UNUSABLE = "fedtail never writes such a file itself; restore it, or start the run again with --overwrite"
+
+
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be resumed: unreadable, of another format, or of another experiment."""
 
@@ -37,9 +40,10 @@ def read_checkpoint(run_dir: Path, cfg: FedtailConfig) -> dict | None:
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err})") from None
+        first = str(err).split(". ")[0]
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {first}); {_UNUSABLE}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a fedtail checkpoint of format {CHECKPOINT_FORMAT}")
+        raise CheckpointError(f"{path} is not a fedtail checkpoint (format {CHECKPOINT_FORMAT}); {_UNUSABLE}")
     if state["config_fingerprint"] != cfg.experiment_fingerprint():
         raise CheckpointError(
             f"{run_dir}: its checkpoint was written with a different config; resume with the run's own "

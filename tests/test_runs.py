@@ -174,3 +174,33 @@ def test_cli_refuses_an_existing_run_without_resume_or_overwrite(
     user.mkdir()
     assert main(["simulate", *_cli(project, tmp_path, "--run-id", "mine", "--overwrite")]) == 2
     assert "not a folder fedtail created" in capsys.readouterr().err and user.is_dir()
+
+
+def test_cli_refuses_an_unusable_checkpoint_before_any_work(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A damaged checkpoint or an edited config.yaml stops `--resume` at once, with advice, no traceback."""
+    from tests.conftest import crashed_run, smoke_config
+
+    cfg = smoke_config(project, **{"output.runs_dir": str(tmp_path / "runs"), "output.run_id": "c"})
+    run_dir = crashed_run(cfg, project, crash_at=2)
+    good = (run_dir / "checkpoint.pt").read_bytes()
+    args = ["run", "--config", str(SMOKE), "--root", str(project), "--resume", "c"]
+    args += [
+        "--set",
+        f"output.runs_dir={tmp_path / 'runs'}",
+        "--set",
+        f"output.artifacts_dir={tmp_path / 'a'}",
+    ]
+
+    (run_dir / "checkpoint.pt").write_bytes(good[:1000])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt cannot be read" in err and "--overwrite" in err and "Traceback" not in err
+
+    (run_dir / "checkpoint.pt").write_bytes(good)
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("epochs: 1", "epochs: 3"))
+    assert main(args) == 2
+    assert "written with a different config" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # nothing staged or partitioned for a run that cannot resume
