@@ -15,8 +15,21 @@ from fedtail.config import DEFAULT_CONFIG_FILE, ConfigError, FedtailConfig, load
 log = logging.getLogger("fedtail")
 
 
+class _Stdout(logging.StreamHandler):
+    """Writes to ``sys.stdout`` as it is at each record, not as it was when the CLI started (callers such
+    as test runners and notebooks swap it, and a handler bound to a closed stream fails on every line)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def _setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _Stdout()
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)

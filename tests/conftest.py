@@ -14,6 +14,12 @@ from fedtail.config import FedtailConfig, load_config
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Import Flower before any test captures output: its console handler binds ``sys.stderr`` on import,
+    and bound to one test's capture it fails on every later line once that capture is closed."""
+    import flwr.common.logger  # noqa: F401
+
+
 def git(root: Path, *args: str) -> str:
     env = {
         **os.environ,
