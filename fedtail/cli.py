@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 
 from fedtail import io
-from fedtail.config import DEFAULT_CONFIG_FILE, ConfigError, FedtailConfig, load_config, parse_override
+from fedtail.config import (
+    DEFAULT_CONFIG_FILE,
+    ConfigError,
+    FedtailConfig,
+    check_paths,
+    load_config,
+    parse_override,
+)
 
 log = logging.getLogger("fedtail")
 
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config = str(io.under(root, runs_dir) / args.resume / "config.yaml")
             args.run_id = args.resume
         cfg = _config(args)
+        check_paths(cfg, root)
     except ConfigError as err:
         print(f"fedtail: {err}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
 from fedtail import pipeline
-from fedtail.config import FedtailConfig, load_config
+from fedtail.config import FedtailConfig, check_paths, load_config
 from fedtail.report import rounds_table, summary_markdown
 from fedtail.staging import ensure_raw
 
@@ -171,6 +171,7 @@ def fl_pipeline(
     """Run the whole experiment; returns the run folder. Data steps are cached across runs."""
     cfg = load_config(config_path, overrides or {})
     root_dir = Path(root).resolve()
+    check_paths(cfg, root_dir)
     verify_data_task(cfg, root_dir)
     staged = stage_task(cfg, root_dir)
     parts = partition_task(cfg, staged, root_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import ClassVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -18,6 +19,7 @@ from flwr.serverapp import Grid
 
 from fedtail import protocol as P
 from fedtail.config import FedtailConfig
+from fedtail.registry import PluginOptions
 
 log = logging.getLogger("fedtail.strategy")
 
@@ -53,6 +55,9 @@ def check_update(pid: int, update: ArrayRecord, reference: ArrayRecord) -> str |
 class FedtailStrategy:
     """Mixin: deterministic sampling by partition id, ordered and validated aggregation."""
 
+    #: ``strategy.options`` this strategy accepts; the config checks them before any work.
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+
     def __init__(self, cfg: FedtailConfig, node_of_partition: dict[int, int], **kwargs) -> None:
         super().__init__(**kwargs)
         self.cfg = cfg
@@ -79,12 +84,9 @@ class FedtailStrategy:
 
     @classmethod
     def options_from_config(cls, cfg: FedtailConfig) -> dict:
-        if cfg.strategy.options:
-            raise ValueError(
-                f"strategy.options: {cfg.strategy.name!r} takes no options "
-                f"(got {sorted(cfg.strategy.options)})"
-            )
-        return {}
+        """Constructor keywords from ``strategy.options`` (already checked against `Options`); override
+        to map them onto the Flower strategy's own arguments."""
+        return cls.Options.model_validate(cfg.strategy.options).model_dump()
 
     def global_round(self, server_round: int) -> int:
         return self.round_offset + server_round
