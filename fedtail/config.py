@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -59,7 +60,8 @@ class _Section(BaseModel):
 def _known(registry: Registry, value: str) -> str:
     value = value.lower()
     if value not in registry:
-        raise ValueError(f"unknown {registry.kind} {value!r}; known: {', '.join(registry.names())}")
+        shown = repr(value) if len(value) <= 60 else repr(value[:57] + "...")
+        raise ValueError(f"unknown {registry.kind} {shown}; known: {', '.join(registry.names())}")
     return value
 
 
@@ -392,7 +394,18 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a repeated key (or section) is an error, not "last one wins",
-    and ``1e-4`` is a float as in YAML 1.2 (PyYAML's YAML 1.1 reads it as a string)."""
+    aliases (``*name``) are refused (a few lines of them expand to gigabytes), and ``1e-4`` is a float
+    as in YAML 1.2 (PyYAML's YAML 1.1 reads it as a string)."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "aliases (*name) are not allowed in a fedtail config; write the value out",
+                self.peek_event().start_mark,
+            )
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Mark] = {}
@@ -430,6 +443,8 @@ def _parse_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}{at}: invalid YAML: {what}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{where}: invalid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid YAML: nested too deeply") from None
 
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*")
@@ -448,6 +463,17 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"{where}: expected KEY=VALUE, e.g. partition.alpha=0.1")
     return _check_key(key.strip(), where), _parse_yaml(raw, f"{where}, value") if raw.strip() else None
+
+
+def parse_override_list(text: str) -> dict[str, Any]:
+    """Space-separated ``KEY=VALUE`` items, shell-quoted where a value has spaces (Flower's ``set``)."""
+    try:
+        items = shlex.split(text)
+    except ValueError as err:
+        raise ConfigError(
+            f"overrides {text!r}: {err}; separate KEY=VALUE items by spaces, quote values"
+        ) from None
+    return dict(parse_override(item) for item in items)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from fedtail.config import (
     from_run_config,
     load_config,
     parse_override,
+    parse_override_list,
     to_run_config,
 )
 from fedtail.registry import CONTINUAL, OBJECTIVES, STRATEGIES, PluginOptions
@@ -323,6 +324,11 @@ def test_run_id_good_names(name: str) -> None:
         ("- a\n- b\n", r"top level must be a mapping of sections .* got a list"),
         ("", r"is empty; write \{\} to mean all defaults"),
         ("# only a comment\n", r"is empty"),
+        (
+            "a: &x [1, 2]\nb: [*x, *x]\n",
+            r"line 2, column 5: invalid YAML: aliases \(\*name\) are not allowed",
+        ),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", r"invalid YAML: nested too deeply"),
     ],
 )
 def test_bad_config_files_name_file_and_line(tmp_path: Path, text: str, hint: str) -> None:
@@ -379,3 +385,13 @@ def test_cron_uses_prefects_parser_and_shows_the_list_syntax() -> None:
 
 def test_cron_single_string_is_one_entry() -> None:
     assert build_config({"serve": {"cron": "30 12 * * 1-5"}}).serve.cron == ["30 12 * * 1-5"]
+
+
+def test_flower_set_list_is_shell_quoted() -> None:
+    """``flwr run --run-config "set='...'"``: values with spaces are quoted, errors name the override."""
+    got = parse_override_list("""partition.alpha=0.1 serve.cron='["0 3 * * *", "30 12 * * 1-5"]'""")
+    assert got == {"partition.alpha": 0.1, "serve.cron": ["0 3 * * *", "30 12 * * 1-5"]}
+    with pytest.raises(ConfigError, match="No closing quotation"):
+        parse_override_list("serve.name='a b")
+    with pytest.raises(ConfigError, match=r"override 'train.lr=\[1,'"):
+        parse_override_list("train.lr=[1,")
