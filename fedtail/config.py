@@ -144,7 +144,9 @@ def _cron_problem(expr: str) -> str | None:
 _CRON_FIELDS = ("minute", "hour", "day of month", "month", "day of week")
 
 
-def _check_cron(entries: list[str]) -> list[str]:
+def _check_cron(entries: list[str], info: ValidationInfo) -> list[str]:
+    if (info.context or {}).get("schedule") is False:
+        return entries  # a ClientApp re-reading a checked config: no need to import Prefect there
     for expr in entries:
         problem = _cron_problem(expr)
         if problem:
@@ -152,7 +154,9 @@ def _check_cron(entries: list[str]) -> list[str]:
     return entries
 
 
-def _check_deployment_name(name: str) -> str:
+def _check_deployment_name(name: str, info: ValidationInfo) -> str:
+    if (info.context or {}).get("schedule") is False:
+        return name  # a ClientApp re-reading a checked config: no need to import Prefect there
     from prefect.types.names import BANNED_CHARACTERS, WITHOUT_BANNED_CHARACTERS  # what Prefect refuses
 
     if not re.fullmatch(WITHOUT_BANNED_CHARACTERS, name) or not name.isprintable():
@@ -502,10 +506,14 @@ def _format_errors(err: ValidationError) -> str:
     return "invalid fedtail config:\n" + "\n".join(lines)
 
 
-def build_config(data: Mapping[str, Any]) -> FedtailConfig:
-    """Validate a nested dict into a `FedtailConfig`, raising `ConfigError` with readable messages."""
+def build_config(data: Mapping[str, Any], *, schedule: bool = True) -> FedtailConfig:
+    """Validate a nested dict into a `FedtailConfig`, raising `ConfigError` with readable messages.
+
+    ``schedule=False`` skips checking ``serve`` with Prefect's own rules (about a second to import),
+    for processes that re-read a config already checked where it was loaded and never schedule.
+    """
     try:
-        return FedtailConfig.model_validate(dict(data))
+        return FedtailConfig.model_validate(dict(data), context={"schedule": schedule})
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
 

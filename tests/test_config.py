@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -395,3 +396,45 @@ def test_flower_set_list_is_shell_quoted() -> None:
         parse_override_list("serve.name='a b")
     with pytest.raises(ConfigError, match=r"override 'train.lr=\[1,'"):
         parse_override_list("train.lr=[1,")
+
+
+def test_client_side_rereading_skips_the_schedule_check() -> None:
+    """A ClientApp re-validating a shipped config must not import Prefect just for ``serve.cron``."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fedtail.config import FedtailConfig; from fedtail.protocol import Job; "
+        "from pathlib import Path; "
+        "Job.from_json(Job(FedtailConfig(), Path('s'), Path('p')).to_json()); "
+        "print('prefect' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
+    with pytest.raises(ConfigError, match="not a valid cron"):
+        build_config({"serve": {"cron": ["61 * * * *"]}})
+
+
+def test_torchvision_dataset_recorded_in_data_dvc_needs_no_root(tmp_path: Path) -> None:
+    """data/mnist deleted but recorded in data.dvc: DVC restores it, so no dataset.root is needed."""
+    from dvc.repo import Repo
+
+    from fedtail.staging import init_dvc
+    from tests.conftest import git
+
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "commit", "-q", "--allow-empty", "-m", "init")
+    init_dvc(tmp_path)
+    (tmp_path / "data" / "digits").mkdir(parents=True)
+    (tmp_path / "data" / "digits" / "x.npy").write_bytes(b"1")
+    with Repo(str(tmp_path)) as repo:
+        repo.add(str(tmp_path / "data"))
+    cfg = build_config({"dataset": {"name": "mnist"}})
+    with pytest.raises(ConfigError, match="dataset 'mnist' must be read from torchvision"):
+        check_paths(cfg, tmp_path)  # data.dvc exists but does not hold mnist
+    (tmp_path / "data" / "mnist").mkdir()
+    (tmp_path / "data" / "mnist" / "train_images.npy").write_bytes(b"2")
+    with Repo(str(tmp_path)) as repo:
+        repo.add(str(tmp_path / "data"))
+    shutil.rmtree(tmp_path / "data" / "mnist")
+    check_paths(cfg, tmp_path)
