@@ -438,3 +438,44 @@ def test_torchvision_dataset_recorded_in_data_dvc_needs_no_root(tmp_path: Path) 
         repo.add(str(tmp_path / "data"))
     shutil.rmtree(tmp_path / "data" / "mnist")
     check_paths(cfg, tmp_path)
+
+
+def test_plugins_read_their_options_typed(scaled_ce: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One mechanism for all three kinds: objectives and continual methods get ``self.options``; a
+    strategy's options become its Flower constructor's keywords."""
+    from types import SimpleNamespace
+
+    from clients.continual import ContinualMethod
+    from clients.objectives import LocalObjective
+    from strategies.fedavg import FedAvgStrategy
+
+    class Objective(LocalObjective):
+        Options = _ScaledCE.Options
+
+    class Replay(ContinualMethod):
+        class Options(PluginOptions):
+            memory: int = Field(100, ge=0)
+
+    class Weighted(FedAvgStrategy):
+        class Options(PluginOptions):
+            weighted_by_key: str = "num-examples"
+
+    CONTINUAL.names()
+    STRATEGIES.names()
+    monkeypatch.setitem(CONTINUAL._items, "replay-test", Replay)
+    monkeypatch.setitem(STRATEGIES._items, "weighted-test", Weighted)
+    cfg = build_config(
+        {
+            "train": {"objective": "scaled-ce", "options": {"scale": 3}},
+            "continual": {"method": "replay-test", "options": {"memory": 20}},
+            "strategy": {"name": "weighted-test", "options": {"weighted_by_key": "n"}},
+        }
+    )
+    ctx = SimpleNamespace(job=SimpleNamespace(config=cfg))
+    assert Objective(ctx).options == _ScaledCE.Options(scale=3.0)  # type: ignore[arg-type]
+    assert Replay(ctx).options.memory == 20  # type: ignore[arg-type]
+    strategy = Weighted.from_config(cfg, {i: i for i in range(cfg.federation.num_clients)})
+    assert strategy.weighted_by_key == "n"
+    assert "continual.options: option 'memory': Input should be greater than or equal to 0" in _error(
+        {"continual.method": "replay-test", "continual.options.memory": -1}
+    )
