@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 
 from fedtail import io, runs
-from fedtail.config import DEFAULT_CONFIG_FILE, ConfigError, FedtailConfig, load_config, parse_override
+from fedtail.config import (
+    DEFAULT_CONFIG_FILE,
+    ConfigError,
+    FedtailConfig,
+    check_paths,
+    load_config,
+    parse_override,
+)
 
 log = logging.getLogger("fedtail")
 
@@ -137,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config = str(run_dir / "config.yaml")
             args.run_id = args.resume
         cfg = _config(args)
+        check_paths(cfg, root)
         if args.command in ("run", "simulate"):
             if args.resume and not cfg.output.run_id:
                 raise runs.RunFolderError("--resume needs --run-id RUN_ID: the run to continue")

@@ -11,6 +11,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import re
+import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,9 +22,11 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -35,6 +40,7 @@ from fedtail.registry import (
     PARTITIONERS,
     STRATEGIES,
     Registry,
+    check_options,
 )
 
 DEFAULT_CONFIG_FILE = "params.yaml"
@@ -45,13 +51,17 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Every section: unknown keys refused; strict types (``true`` is not 1, ``"3"`` is not 3, but an int
+    is a fine float); ``.inf`` / ``.nan`` refused in every float field."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 def _known(registry: Registry, value: str) -> str:
     value = value.lower()
     if value not in registry:
-        raise ValueError(f"unknown {registry.kind} {value!r}; known: {', '.join(registry.names())}")
+        shown = repr(value) if len(value) <= 60 else repr(value[:57] + "...")
+        raise ValueError(f"unknown {registry.kind} {shown}; known: {', '.join(registry.names())}")
     return value
 
 
@@ -68,11 +78,113 @@ ContinualName = _plugin_name(CONTINUAL)
 EngineName = _plugin_name(ENGINES)
 
 
+def _checked_options(
+    registry: Registry, name_field: str, options: dict[str, Any], info: ValidationInfo
+) -> Any:
+    name = info.data.get(name_field)
+    return options if name is None else check_options(registry, name, options)  # None: name already failed
+
+
+def _plugin_options(registry: Registry, name_field: str) -> Any:
+    """A ``dict`` checked against the ``Options`` of the plug-in that the sibling ``name_field`` names."""
+    return Annotated[
+        dict[str, Any], AfterValidator(functools.partial(_checked_options, registry, name_field))
+    ]
+
+
+RUN_ID_RULE = "a name of letters, digits, '.', '_', '-', starting with a letter or digit, at most 100 chars"
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_run_id(name: str) -> str:
+    """``name`` if it is a plain folder name (no path, no ``..``, no leading ``-``); else ValueError."""
+    if not isinstance(name, str) or not _RUN_ID.fullmatch(name):
+        raise ValueError(f"run id {name!r} is not allowed: use {RUN_ID_RULE}")
+    return name
+
+
+def _check_device(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "engine.device='cuda' but torch.cuda.is_available() is False; allowed here: auto, cpu"
+            )
+    return device
+
+
+CRON_HINT = 'write a list: cron: ["0 3 * * *", "30 12 * * 1-5"]'
+
+
+@functools.lru_cache(maxsize=256)
+def _cron_problem(expr: str) -> str | None:
+    """Why Prefect's `CronSchedule` refuses ``expr``: its own parser, so `fedtail serve` cannot fail later."""
+    from prefect._vendor.croniter import croniter
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=expr)
+    except ValidationError as err:
+        try:
+            croniter(expr)
+        except Exception as parse_err:  # croniter says why (field out of range, column count, ...)
+            reason = str(parse_err).replace(f"[{expr}] is not acceptable, ", "").replace(f"[{expr}] ", "")
+        else:
+            reason = err.errors()[0]["msg"].removeprefix("Value error, ")
+        fields = expr.split()
+        for i, (name, value) in enumerate(zip(_CRON_FIELDS, fields, strict=False)):
+            alone = " ".join(value if j == i else "*" for j in range(len(_CRON_FIELDS)))
+            if len(fields) == len(_CRON_FIELDS) and not croniter.is_valid(alone):
+                return f"{name} {value}: {reason}"  # which field croniter objects to
+        return reason
+    return None
+
+
+_CRON_FIELDS = ("minute", "hour", "day of month", "month", "day of week")
+
+
+def _check_cron(entries: list[str], info: ValidationInfo) -> list[str]:
+    if (info.context or {}).get("schedule") is False:
+        return entries  # a ClientApp re-reading a checked config: no need to import Prefect there
+    for expr in entries:
+        problem = _cron_problem(expr)
+        if problem:
+            raise ValueError(f"{expr!r} is not a valid cron expression ({problem}); {CRON_HINT}")
+    return entries
+
+
+def _check_deployment_name(name: str, info: ValidationInfo) -> str:
+    if (info.context or {}).get("schedule") is False:
+        return name  # a ClientApp re-reading a checked config: no need to import Prefect there
+    from prefect.types.names import BANNED_CHARACTERS, WITHOUT_BANNED_CHARACTERS  # what Prefect refuses
+
+    if not re.fullmatch(WITHOUT_BANNED_CHARACTERS, name) or not name.isprintable():
+        raise ValueError(
+            f"{name!r} is not a Prefect deployment name: non-empty, printable, none of {BANNED_CHARACTERS}"
+        )
+    return name
+
+
+def _one_or_list(value: Any) -> Any:
+    """A single cron string is one entry; anything else is checked as a list."""
+    return [value] if isinstance(value, str) else value
+
+
+def _check_path_text(path: str) -> str:
+    if not path or not path.isprintable():
+        raise ValueError(f"{path!r} is not a usable folder path (empty, or control characters)")
+    return path
+
+
+PathText = Annotated[str, Field(max_length=4096), AfterValidator(_check_path_text)]
+
+
 class DatasetConfig(_Section):
     """Which raw data to use and how to split it into train/test."""
 
     name: DatasetName = Field("digits", description="Registered dataset name.")
-    root: str | None = Field(None, description="Local torchvision root for mnist/fashion-mnist/cifar.")
+    root: PathText | None = Field(None, description="Local torchvision root for mnist/fashion-mnist/cifar.")
     download: bool = Field(False, description="Allow torchvision to download into `root`.")
     num_samples: int = Field(4000, ge=100, le=200_000, description="mnist1d: samples generated (fixed seed).")
     test_fraction: float = Field(
@@ -84,12 +196,14 @@ class PartitionConfig(_Section):
     """Global long-tail profile, then a non-IID split over clients."""
 
     method: PartitionerName = Field("dirichlet", description="Registered partitioner: iid, dirichlet.")
-    alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration; smaller = more label skew.")
+    alpha: float = Field(
+        0.5, gt=0.0, le=1e6, description="Dirichlet concentration; smaller = more label skew (1e6 is IID)."
+    )
     min_partition_size: int = Field(
         5, ge=0, description="Dirichlet: resample until every client holds at least this many."
     )
     imbalance_factor: float = Field(
-        10.0, ge=1.0, description="Long tail n_max / n_min over classes (1 = keep data balanced)."
+        10.0, ge=1.0, le=1e6, description="Long tail n_max / n_min over classes (1 = keep data balanced)."
     )
     labeled_fraction: float = Field(
         1.0, gt=0.0, le=1.0, description="Share of each client's samples that keep their label."
@@ -112,7 +226,9 @@ class FederationConfig(_Section):
 
 class StrategyConfig(_Section):
     name: StrategyName = Field("fedavg", description="Registered server strategy.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Strategy-specific options.")
+    options: _plugin_options(STRATEGIES, "name") = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="Strategy options, as its `Options` declares."
+    )
 
 
 class TrainConfig(_Section):
@@ -124,13 +240,17 @@ class TrainConfig(_Section):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    options: dict[str, Any] = Field(default_factory=dict, description="Objective-specific options.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    options: _plugin_options(OBJECTIVES, "objective") = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="Objective options, as its `Options` declares."
+    )
 
 
 class ContinualConfig(_Section):
     method: ContinualName = Field("finetune", description="Registered continual-learning method.")
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: _plugin_options(CONTINUAL, "method") = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="Continual-method options, as its `Options` declares."
+    )
 
 
 class ModelConfig(_Section):
@@ -148,25 +268,35 @@ class EngineConfig(_Section):
 
     name: EngineName = Field("inprocess", description="Registered engine: inprocess, ray.")
     workers: int = Field(1, ge=1, le=256, description="inprocess: parallel client processes (1 = none).")
-    cpus_per_client: float = Field(1.0, gt=0.0, description="ray: CPUs reserved per ClientApp.")
+    cpus_per_client: float = Field(1.0, gt=0.0, le=1024, description="ray: CPUs reserved per ClientApp.")
     threads_per_client: int = Field(1, ge=1, le=256, description="torch threads inside a ClientApp.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    timeout: float = Field(3600.0, gt=0.0, description="Seconds to wait for a round's replies.")
+    device: Annotated[Literal["auto", "cpu", "cuda"], AfterValidator(_check_device)] = "auto"
+    timeout: float = Field(
+        3600.0, gt=0.0, le=30 * 86400, description="Seconds to wait for a round's replies."
+    )
     verbose: bool = Field(False, description="Show Flower's own INFO log lines (strategy banners, rounds).")
 
 
 class OutputConfig(_Section):
-    data_dir: str = "data"
-    artifacts_dir: str = "artifacts"
-    runs_dir: str = "runs"
-    run_id: str | None = Field(None, description="Fixed run id; default is time + config hash.")
+    data_dir: PathText = "data"
+    artifacts_dir: PathText = "artifacts"
+    runs_dir: PathText = "runs"
+    run_id: Annotated[str, AfterValidator(check_run_id)] | None = Field(
+        None, description="Fixed run id (a folder name, see `check_run_id`); default is time + config hash."
+    )
 
 
 class ServeConfig(_Section):
     """`fedtail serve`: the Prefect deployment and its schedules."""
 
-    name: str = "fedtail-scheduled"
-    cron: list[str] = Field(default_factory=lambda: ["0 3 * * *"])
+    name: Annotated[str, AfterValidator(_check_deployment_name)] = Field(
+        "fedtail-scheduled", max_length=200, description="Prefect deployment name."
+    )
+    cron: Annotated[list[str], BeforeValidator(_one_or_list), AfterValidator(_check_cron)] = Field(
+        default_factory=lambda: ["0 3 * * *"],
+        min_length=1,
+        description="Cron expressions (Prefect's syntax), one schedule each; a single string is one entry.",
+    )
 
 
 class FedtailConfig(_Section):
@@ -199,6 +329,13 @@ class FedtailConfig(_Section):
             raise ValueError(
                 f"federation.num_clients={self.federation.num_clients} exceeds the {n_train} training "
                 f"samples of {self.dataset.name!r}; allowed: 1..{n_train}"
+            )
+        need = self.partition.min_partition_size * self.federation.num_clients
+        if self.partition.method == "dirichlet" and need > n_train:
+            raise ValueError(
+                f"partition.min_partition_size={self.partition.min_partition_size} x federation.num_clients="
+                f"{self.federation.num_clients} exceeds the {n_train} training samples of "
+                f"{self.dataset.name!r}; allowed: at most {n_train // self.federation.num_clients}"
             )
         if self.federation.min_train_clients > self.federation.num_clients:
             raise ValueError(
@@ -259,12 +396,88 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a repeated key (or section) is an error, not "last one wins",
+    aliases (``*name``) are refused (a few lines of them expand to gigabytes), and ``1e-4`` is a float
+    as in YAML 1.2 (PyYAML's YAML 1.1 reads it as a string)."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "aliases (*name) are not allowed in a fedtail config; write the value out",
+                self.peek_event().start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue  # unhashable key: SafeLoader's own error follows
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first on line {first.line + 1}, column {first.column + 1})",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML -> Python, or a ConfigError naming ``where``, the line and column and what is wrong."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(x for x in (err.problem, err.context and f"({err.context})") if x)
+        raise ConfigError(f"{where}{at}: invalid YAML: {what}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: invalid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid YAML: nested too deeply") from None
+
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*")
+
+
+def _check_key(key: Any, where: str) -> str:
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise ConfigError(f"{where}: {key!r} is not a dotted field name like partition.alpha")
+    return key
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """``'partition.alpha=0.1'`` -> ``('partition.alpha', 0.1)``; the value is parsed as YAML."""
     key, sep, raw = item.partition("=")
+    where = f"override {item!r}"
     if not sep or not key.strip():
-        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. partition.alpha=0.1")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+        raise ConfigError(f"{where}: expected KEY=VALUE, e.g. partition.alpha=0.1")
+    return _check_key(key.strip(), where), _parse_yaml(raw, f"{where}, value") if raw.strip() else None
+
+
+def parse_override_list(text: str) -> dict[str, Any]:
+    """Space-separated ``KEY=VALUE`` items, shell-quoted where a value has spaces (Flower's ``set``)."""
+    try:
+        items = shlex.split(text)
+    except ValueError as err:
+        raise ConfigError(
+            f"overrides {text!r}: {err}; separate KEY=VALUE items by spaces, quote values"
+        ) from None
+    return dict(parse_override(item) for item in items)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
@@ -272,7 +485,7 @@ def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | Iterabl
     out = json.loads(json.dumps(data))
     items = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
     for key, value in items:
-        _set_dotted(out, key, value)
+        _set_dotted(out, _check_key(key, f"override {key!r}"), value)
     return out
 
 
@@ -283,16 +496,24 @@ def _format_errors(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
+        if loc == "config" or msg.startswith(loc):  # the message names its field(s) itself
+            lines.append(f"  {msg}")
+            continue
         got = e.get("input")
-        suffix = f" (got {got!r})" if loc != "config" and not isinstance(got, dict) else ""
-        lines.append(f"  {loc}: {msg}{suffix}")
+        shown = repr(got) if len(repr(got)) <= 80 else repr(got)[:77] + "..."
+        quiet = isinstance(got, dict | list) or shown in msg
+        lines.append(f"  {loc}: {msg}" + ("" if quiet else f" (got {shown})"))
     return "invalid fedtail config:\n" + "\n".join(lines)
 
 
-def build_config(data: Mapping[str, Any]) -> FedtailConfig:
-    """Validate a nested dict into a `FedtailConfig`, raising `ConfigError` with readable messages."""
+def build_config(data: Mapping[str, Any], *, schedule: bool = True) -> FedtailConfig:
+    """Validate a nested dict into a `FedtailConfig`, raising `ConfigError` with readable messages.
+
+    ``schedule=False`` skips checking ``serve`` with Prefect's own rules (about a second to import),
+    for processes that re-read a config already checked where it was loaded and never schedule.
+    """
     try:
-        return FedtailConfig.model_validate(dict(data))
+        return FedtailConfig.model_validate(dict(data), context={"schedule": schedule})
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
 
@@ -302,16 +523,44 @@ def load_config(
     overrides: Mapping[str, Any] | Iterable[str] = (),
 ) -> FedtailConfig:
     """Read YAML (``None`` = built-in defaults), apply overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r}: top level must be a mapping")
-        data = loaded
+    data: dict[str, Any] = {} if path is None else read_config_file(path)
     return build_config(apply_overrides(data, overrides))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file, or a ConfigError naming the file (and line) and the problem.
+
+    An empty file (or one of only comments) is refused: it is more often a truncated or wrong file than a
+    wish for defaults, which ``{}`` states explicitly.
+    """
+    p = Path(path)
+    where = f"config file {str(p)!r}"
+    if p.is_dir():
+        raise ConfigError(f"{where} is a directory; give a YAML file, e.g. --config params.yaml")
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{where} not found") from None
+    except OSError as err:
+        raise ConfigError(f"{where} cannot be read: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(
+            f"{where}, line {line}, column {column}: not UTF-8 text (byte {raw[err.start]:#04x}); "
+            "save the file as UTF-8"
+        ) from None
+    loaded = _parse_yaml(text, where)
+    if loaded is None:
+        raise ConfigError(f"{where} is empty; write {{}} to mean all defaults")
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{where}: top level must be a mapping of sections (e.g. 'partition: {{alpha: 0.1}}'), "
+            f"got a {type(loaded).__name__}"
+        )
+    return loaded
 
 
 def to_run_config(cfg: FedtailConfig) -> dict[str, bool | float | int | str]:
@@ -325,6 +574,18 @@ def to_run_config(cfg: FedtailConfig) -> dict[str, bool | float | int | str]:
     return flat
 
 
+def _from_run_config_value(key: str, value: Any) -> Any:
+    if not (isinstance(value, str) and value.startswith("json:")):
+        return value
+    try:
+        return json.loads(value[5:])
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"run-config {key!r}: {value!r} is not valid JSON after 'json:' "
+            f"(column {err.colno + 5}: {err.msg})"
+        ) from None
+
+
 def from_run_config(run_config: Mapping[str, Any], root: Path | None = None) -> FedtailConfig:
     """Inverse of `to_run_config`, also accepting a base file under the key ``config-file``.
 
@@ -332,12 +593,82 @@ def from_run_config(run_config: Mapping[str, Any], root: Path | None = None) -> 
     """
     items = dict(run_config)
     base = items.pop("config-file", None)
-    decoded = {
-        k: json.loads(v[5:]) if isinstance(v, str) and v.startswith("json:") else v for k, v in items.items()
-    }
+    decoded = {k: _from_run_config_value(k, v) for k, v in items.items()}
     if base:
         path = Path(str(base))
         if not path.is_absolute() and root is not None:
             path = Path(root) / path
         return load_config(path, decoded)
     return build_config(apply_overrides({}, decoded))
+
+
+# ---- checks that need the filesystem (run by the CLI, the flow and the ServerApp before any work) -----
+def check_paths(cfg: FedtailConfig, root: str | Path = ".") -> None:
+    """Refuse output folders that are files or cannot be created, and a torchvision dataset that would
+    have to be materialized without ``dataset.root``. Reads the filesystem, creates nothing."""
+    from fedtail.io import under
+
+    root = Path(root)
+    problems = []
+    for field in ("data_dir", "artifacts_dir", "runs_dir"):
+        value = getattr(cfg.output, field)
+        problem = _folder_problem(under(root, value))
+        if problem:
+            problems.append(f"output.{field}={value!r}: {problem}")
+    data_dir = under(root, cfg.output.data_dir)
+    if not problems and data_dir.resolve() == root.resolve():
+        problems.append(
+            f"output.data_dir={cfg.output.data_dir!r} is the project root; use a subfolder (data)"
+        )
+    if not problems:
+        problems += _raw_data_problem(cfg, root, data_dir)
+    if problems:
+        raise ConfigError("invalid fedtail config:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used (or later created) as an output folder; None if it can."""
+    if path.exists():
+        if not path.is_dir():
+            return f"{str(path)!r} exists and is not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{str(path)!r} is not writable"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create {str(path)!r}: {str(parent)!r} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create {str(path)!r}: {str(parent)!r} is not writable"
+    return None
+
+
+def _raw_data_problem(cfg: FedtailConfig, root: Path, data_dir: Path) -> list[str]:
+    """A torchvision dataset needs ``dataset.root`` unless its raw files are in ``data_dir/<name>/`` or
+    recorded in ``data.dvc`` (then DVC restores them); the other datasets build their own raw data."""
+    from fedtail.datasets.torchvision_sets import RAW_FILES, SPECS
+
+    name = cfg.dataset.name
+    raw = data_dir / name
+    if name not in SPECS or cfg.dataset.root is not None or all((raw / f).is_file() for f in RAW_FILES):
+        return []
+    dvc_file = data_dir.with_name(data_dir.name + ".dvc")
+    if dvc_file.is_file() and _dvc_records(root, raw):
+        return []
+    return [
+        f"dataset.root: dataset {name!r} must be read from torchvision files ({str(raw)!r} is not there"
+        f"{'' if dvc_file.is_file() else ' and nothing records it in ' + repr(dvc_file.name)}), but "
+        f"dataset.root is not set; set dataset.root to the torchvision folder (with dataset.download: true "
+        f"to download into it), or restore {str(raw)!r} with `dvc pull`"
+    ]
+
+
+def _dvc_records(root: Path, path: Path) -> bool:
+    """Whether the DVC-tracked data at ``root`` holds ``path`` (DVC's own file system reads the .dvc file
+    and its directory listing). Unknown (DVC fails) counts as yes: staging then says what is wrong."""
+    try:
+        from dvc.api import DVCFileSystem
+
+        rel = path.resolve().relative_to(root.resolve()).as_posix()
+        return bool(DVCFileSystem(str(root)).exists(rel))
+    except Exception:  # not a DVC repo, data outside the project, ...: staging reports it precisely
+        return True

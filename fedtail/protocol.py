@@ -57,4 +57,5 @@ class Job:
     @classmethod
     def from_json(cls, text: str) -> Job:
         data: dict[str, Any] = json.loads(text)
-        return cls(build_config(data["config"]), Path(data["staged_dir"]), Path(data["partition_dir"]))
+        config = build_config(data["config"], schedule=False)  # checked by the driver; never schedules
+        return cls(config, Path(data["staged_dir"]), Path(data["partition_dir"]))

@@ -3,6 +3,10 @@
 Every kind of plug-in (dataset, partitioner, model, local objective, server strategy, continual method)
 has one `Registry`. A registry knows which packages hold its plug-ins and imports them on first lookup, so
 adding a method is one new file that calls ``@REGISTRY.register("name")`` — the loop never changes.
+
+A plug-in that takes settings declares them as a class attribute ``Options``, a `PluginOptions` model
+(names, types, defaults, bounds); the config checks ``strategy.options`` / ``train.options`` /
+``continual.options`` against it before any work. A plug-in without ``Options`` accepts none.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 T = TypeVar("T")
 
@@ -20,6 +26,45 @@ class UnknownPluginError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
         return str(self.args[0])
+
+
+class PluginOptions(BaseModel):
+    """Base of a plug-in's ``Options``: unknown names, non-finite floats and bool-for-number refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+def describe_options(model: type[BaseModel]) -> str:
+    """``'mu: float = 0.01, mode: Literal['a', 'b'] = 'a''`` (or ``'none'``), for error messages."""
+    parts = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        kind = getattr(ann, "__name__", None) if isinstance(ann, type) else None
+        kind = kind or str(ann).replace("typing.", "")
+        default = "required" if field.is_required() else f"= {field.get_default(call_default_factory=True)!r}"
+        parts.append(f"{name}: {kind} {default}")
+    return ", ".join(parts) or "none"
+
+
+def check_options(registry: Registry, name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` validated against plug-in ``name``'s ``Options``; returns them typed, defaults filled.
+
+    Raises ValueError naming the bad option and listing every accepted one with its type and default.
+    """
+    model = registry.options(name)
+    try:
+        return model.model_validate(options).model_dump()
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                problems.append(f"unknown option {where!r}")
+            else:
+                problems.append(f"option {where!r}: {e['msg']} (got {e.get('input')!r})")
+        raise ValueError(
+            f"{'; '.join(problems)}; {registry.kind} {name!r} accepts: {describe_options(model)}"
+        ) from None
 
 
 class Registry(Generic[T]):
@@ -65,6 +110,13 @@ class Registry(Generic[T]):
             raise UnknownPluginError(
                 f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}"
             ) from None
+
+    def options(self, name: str) -> type[PluginOptions]:
+        """The ``Options`` model plug-in ``name`` declares (none declared: accepts no options)."""
+        model = getattr(self.get(name), "Options", PluginOptions)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise TypeError(f"{self.kind} {name!r}: Options must be a PluginOptions subclass, got {model!r}")
+        return model
 
     def __contains__(self, name: object) -> bool:
         self._load()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -19,12 +18,11 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
-from fedtail import io
+from fedtail import config, io
 from fedtail.config import ConfigError, FedtailConfig
 
 MARKER = ".fedtail-run"
 LOCKS = ".locks"
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class Mode(StrEnum):
@@ -40,13 +38,11 @@ class RunFolderError(ConfigError):
 
 
 def check_run_id(run_id: str) -> str:
-    """``run_id`` if it is a plain folder name (letters, digits, ``._-``; not ``.``/``..``; ≤ 100 chars)."""
-    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or run_id in (".", ".."):
-        raise RunFolderError(
-            f"run id {run_id!r} is not a plain name: use 1-100 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit (a run id names a folder inside output.runs_dir, never a path)"
-        )
-    return run_id
+    """``run_id`` if it is a plain folder name (`fedtail.config.check_run_id`'s rule), else RunFolderError."""
+    try:
+        return config.check_run_id(run_id)
+    except ValueError as err:
+        raise RunFolderError(f"{err} (it names a folder inside output.runs_dir, never a path)") from None
 
 
 def new_run_id(cfg: FedtailConfig) -> str:

@@ -29,7 +29,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
 from fedtail import pipeline, runs
-from fedtail.config import FedtailConfig, load_config
+from fedtail.config import FedtailConfig, check_paths, load_config
 from fedtail.report import rounds_table, summary_markdown
 from fedtail.staging import ensure_raw
 
@@ -182,6 +182,7 @@ def fl_pipeline(
         raise runs.RunFolderError("resume and overwrite exclude each other: choose one")
     mode = runs.Mode.RESUME if resume else runs.Mode.OVERWRITE if overwrite else runs.Mode.NEW
     root_dir = Path(root).resolve()
+    check_paths(cfg, root_dir)
     run_dir = pipeline.new_run_dir(cfg, root_dir)
     pipeline.check_run_target(cfg, run_dir, mode)
     verify_data_task(cfg, root_dir)

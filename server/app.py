@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from clients.state import from_bytes, restore_content
 from fedtail import io, runs
 from fedtail import protocol as P
-from fedtail.config import from_run_config, parse_override
+from fedtail.config import check_paths, from_run_config, parse_override_list
 from fedtail.models import build_model, resolve_device, to_arrays
 from fedtail.partition import load_schedule
 from fedtail.registry import STRATEGIES
@@ -214,8 +214,9 @@ def flwr_main(grid: Grid, context: Context) -> None:
 
     run_config = dict(context.run_config)
     root = Path(str(run_config.pop("root", "") or ".")).resolve()
-    run_config.update(parse_override(item) for item in str(run_config.pop("set", "")).split())
+    run_config.update(parse_override_list(str(run_config.pop("set", ""))))
     cfg = from_run_config(run_config, root)
+    check_paths(cfg, root)
     staged = pipeline.stage(cfg, root)
     parts = pipeline.partition(cfg, staged, root)
     job = P.Job(cfg, staged, parts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -21,6 +21,7 @@ from clients.state import split_state
 from clients.state import to_bytes as state_to_bytes
 from fedtail import protocol as P
 from fedtail.config import FedtailConfig
+from fedtail.registry import PluginOptions
 
 log = logging.getLogger("fedtail.strategy")
 
@@ -65,6 +66,9 @@ def check_update(pid: int, update: ArrayRecord, reference: ArrayRecord) -> str |
 class FedtailStrategy:
     """Mixin: deterministic sampling by partition id, ordered and validated aggregation."""
 
+    #: ``strategy.options`` this strategy accepts; the config checks them before any work.
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+
     def __init__(self, cfg: FedtailConfig, node_of_partition: dict[int, int], **kwargs) -> None:
         super().__init__(**kwargs)
         self.cfg = cfg
@@ -93,12 +97,9 @@ class FedtailStrategy:
 
     @classmethod
     def options_from_config(cls, cfg: FedtailConfig) -> dict:
-        if cfg.strategy.options:
-            raise ValueError(
-                f"strategy.options: {cfg.strategy.name!r} takes no options "
-                f"(got {sorted(cfg.strategy.options)})"
-            )
-        return {}
+        """Constructor keywords from ``strategy.options`` (already checked against `Options`); override
+        to map them onto the Flower strategy's own arguments."""
+        return cls.Options.model_validate(cfg.strategy.options).model_dump()
 
     def global_round(self, server_round: int) -> int:
         return self.round_offset + server_round

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
-from fedtail.registry import STRATEGIES
+from fedtail.registry import STRATEGIES, PluginOptions
 from strategies.base import FedtailStrategy
 
 
 @STRATEGIES.register("fedavg")
 class FedAvgStrategy(FedtailStrategy, FedAvg):
     """Flower's FedAvg with fedtail's reproducible sampling and update checks."""
+
+    class Options(PluginOptions):
+        """FedAvg has no settings: ``strategy.options`` must be empty."""

@@ -50,3 +50,57 @@ def test_stage_commands_chain_like_dvc_repro(project: Path, capsys: pytest.Captu
 def test_stage_refuses_an_unexpected_data_version(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["stage", *_args(project, "--expect-data", "0" * 32 + ".dir")]) == 2
     assert "data.dvc records" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "hint"),
+    [
+        (
+            ("--set", "train.lr=[1,"),
+            "fedtail: override 'train.lr=[1,', value, line 1, column 4: invalid YAML",
+        ),
+        (("--set", "train.lr=.nan"), "train.lr: Input should be a finite number"),
+        (("--set", "partition=3"), "partition: Input should be a valid dictionary"),
+        (("--set", "strategy.options={mu: 1}"), "strategy.options: unknown option 'mu'"),
+        (("--run-id", "../escape"), "output.run_id: run id '../escape' is not allowed"),
+        (("--set", "serve.cron=['61 * * * *']"), "write a list: cron:"),
+    ],
+)
+def test_bad_values_exit_2_without_traceback(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], hint: str
+) -> None:
+    outputs = [
+        "--set",
+        f"output.runs_dir={tmp_path / 'r'}",
+        "--set",
+        f"output.artifacts_dir={tmp_path / 'a'}",
+    ]
+    assert main(["simulate", *_args(project, *outputs, *extra)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedtail: ") and hint in err and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "a").exists()
+
+
+def test_bad_config_file_exits_2_naming_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 0.1\ntrain:\n  epochs: 1\n")
+    for command in ("run", "serve", "stage", "partition", "simulate", "report"):
+        extra = ["--run-id", "x"] if command == "report" else []
+        assert main([command, "--config", str(bad), "--root", str(tmp_path), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"fedtail: config file '{bad}', line 3, column 1: invalid YAML: duplicate key 'train'" in err
+
+
+def test_output_folder_that_is_a_file_fails_before_work(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "runs").write_text("not a folder")
+    (tmp_path / "artifacts").mkdir()
+    args = _args(project, "--set", f"output.runs_dir={tmp_path / 'runs'}")
+    args += ["--set", f"output.artifacts_dir={tmp_path / 'artifacts'}"]
+    assert main(["simulate", *args]) == 2
+    err = capsys.readouterr().err
+    assert "output.runs_dir=" in err and "exists and is not a folder" in err, err
+    assert not any((tmp_path / "artifacts").iterdir())  # nothing staged

@@ -79,7 +79,11 @@ def test_mnist1d_regenerates_byte_identically(tmp_path: Path) -> None:
 
 def test_mnist1d_train_size_drives_config_validation() -> None:
     cfg = build_config(
-        {"dataset": {"name": "mnist1d", "num_samples": 200}, "federation": {"num_clients": 150}}
+        {
+            "dataset": {"name": "mnist1d", "num_samples": 200},
+            "federation": {"num_clients": 150},
+            "partition": {"min_partition_size": 1},
+        }
     )
     assert DATASETS.get("mnist1d").train_size(cfg.dataset) == 150
     with pytest.raises(ConfigError, match="federation.num_clients=151"):

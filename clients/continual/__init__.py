@@ -7,19 +7,28 @@ and tasks in the client's persistent state (``ctx.state``, Flower's ``context.st
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+from fedtail.registry import PluginOptions
 
 if TYPE_CHECKING:
     from clients.local import LocalContext
 
 
 class ContinualMethod:
-    """Base class; every hook defaults to doing nothing, which is exactly fine-tuning."""
+    """Base class; every hook defaults to doing nothing, which is exactly fine-tuning.
+
+    Settings come from ``continual.options``, declared as a nested ``class Options(PluginOptions)`` (checked
+    by the config before any work) and read typed as ``self.options``.
+    """
+
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
 
     def __init__(self, ctx: LocalContext) -> None:
         self.ctx = ctx
+        self.options = self.Options.model_validate(ctx.job.config.continual.options)
 
     def training_data(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The samples to train on this round (replay methods append their memory)."""

@@ -7,9 +7,12 @@ the model is simply trained on the new task's classes, so earlier classes are ca
 from __future__ import annotations
 
 from clients.continual import ContinualMethod
-from fedtail.registry import CONTINUAL
+from fedtail.registry import CONTINUAL, PluginOptions
 
 
 @CONTINUAL.register("finetune")
 class Finetune(ContinualMethod):
     """All hooks are the base class's no-ops; registered so it can be chosen by name."""
+
+    class Options(PluginOptions):
+        """Fine-tuning has no settings: ``continual.options`` must be empty."""

@@ -9,19 +9,28 @@ proximal terms (FedProx, MOON, ...) fit the same hook.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+from fedtail.registry import PluginOptions
 
 if TYPE_CHECKING:
     from clients.local import LocalContext
 
 
 class LocalObjective:
-    """Base class: override `loss`; `begin` and `end` bracket one round of local training."""
+    """Base class: override `loss`; `begin` and `end` bracket one round of local training.
+
+    Settings come from ``train.options``, declared as a nested ``class Options(PluginOptions)`` (the config
+    checks names and types before any work) and read typed as ``self.options``.
+    """
+
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
 
     def __init__(self, ctx: LocalContext) -> None:
         self.ctx = ctx
+        self.options = self.Options.model_validate(ctx.job.config.train.options)
 
     def begin(self) -> None:
         """Called once before the first local step of a round."""
