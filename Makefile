@@ -28,5 +28,6 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/engines.py
 
+## clean: the rebuildable caches only (staged arrays, partitions); run folders hold results and stay
 clean:
-	rm -rf runs artifacts .pytest_cache
+	rm -rf artifacts .pytest_cache
