@@ -30,6 +30,8 @@ TOLERANCE = 1e-4
 """Absolute, on every number of the float results. Last-bit drift between CPUs stays near 1e-7 here; a
 real change of code or data moves them by far more (one test sample is 2e-3 of digits' accuracy)."""
 FLOAT_RESULTS = ("metrics.json", "rounds.csv", "accuracy_matrix.csv")
+RUN_HEADER = ("config.yaml", "schedule.json", "partition_stats.csv", "partition_heatmap.png")
+"""Copies of the config and the partition in runs/dvc/: exact on any machine, hashed in dvc.lock."""
 DATA_STAGES = ("stage", "partition")
 RUN = "runs/dvc/"
 
@@ -85,11 +87,11 @@ def assert_close(got: Path, want: Path) -> None:
 
 
 def _lock_without_float_hashes(path: Path) -> dict:
-    """dvc.lock minus the hashes of files under runs/dvc/ (float results and what is drawn from them)."""
+    """dvc.lock minus the hashes of the float results and what is drawn from them (report, plots)."""
     lock = yaml.safe_load(path.read_text())
     for entry in lock["stages"].values():
         for item in [*entry.get("deps", []), *entry.get("outs", [])]:
-            if item["path"].startswith(RUN):
+            if item["path"].startswith(RUN) and item["path"].removeprefix(RUN) not in RUN_HEADER:
                 for key in ("md5", "size", "nfiles"):
                     item.pop(key, None)
     return lock
@@ -101,7 +103,7 @@ def test_lock_promises_only_what_is_checked() -> None:
     lock = yaml.safe_load((REPO / "dvc.lock").read_text())
     run_outs = {o["path"] for entry in lock["stages"].values() for o in entry.get("outs", [])}
     run_outs = {p.removeprefix(RUN) for p in run_outs if p.startswith(RUN)}
-    assert run_outs <= {*FLOAT_RESULTS, "report.md", "plots"}, sorted(run_outs)
+    assert run_outs <= {*FLOAT_RESULTS, *RUN_HEADER, "report.md", "plots"}, sorted(run_outs)
 
 
 def test_dvc_repro_reproduces_committed_results(tmp_path: Path) -> None:
@@ -109,7 +111,8 @@ def test_dvc_repro_reproduces_committed_results(tmp_path: Path) -> None:
         assert (REPO / RUN / name).is_file(), f"{RUN}{name} must be committed (run `dvc repro` and commit it)"
     clone = _fresh_copy(tmp_path / "clone")
     assert not (clone / "data").exists() and not (clone / ".dvc" / "cache").exists()
-    _dvc(clone, "repro", "--force")  # every stage runs, though runs/dvc/ already holds the committed results
+    _dvc(clone, "repro")  # as a user would; the run header is not committed, so the simulation runs
+    assert (clone / RUN / "model.pt").is_file(), "dvc repro on a fresh clone must run the simulation"
 
     # Data: regenerated from its embedded source, verified against data.dvc, which is left unchanged.
     assert git(clone, "status", "--porcelain", "data.dvc") == ""
@@ -118,7 +121,7 @@ def test_dvc_repro_reproduces_committed_results(tmp_path: Path) -> None:
     )
     for stage in DATA_STAGES:  # exact on every machine: staged arrays and partitions hash as recorded
         assert fresh[stage] == committed[stage], f"dvc.lock stage {stage!r} differs: {git(clone, 'diff')}"
-    # Code and params as recorded (else: run `dvc repro` and commit dvc.lock and runs/dvc/ with it).
+    # Code, params and the run header as recorded (else: run `dvc repro`, commit dvc.lock and runs/dvc/).
     assert _lock_without_float_hashes(clone / "dvc.lock") == _lock_without_float_hashes(REPO / "dvc.lock"), (
         git(clone, "diff", "dvc.lock")
     )
