@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from fedtail import io, pipeline  # noqa: E402
 from fedtail.config import load_config  # noqa: E402
-from fedtail.staging import init_dvc  # noqa: E402
+from fedtail.staging import add_data, init_dvc  # noqa: E402
 
 
 def _project(tmp: Path) -> Path:
@@ -37,6 +37,7 @@ def _project(tmp: Path) -> Path:
     git("init", "-q")
     git("-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "--allow-empty", "-m", "init")
     init_dvc(tmp)
+    add_data(load_config(REPO / "params.yaml", {"output.data_dir": str(tmp / "data")}), tmp)  # digits
     return tmp
 
 

@@ -18,6 +18,7 @@ from fedtail.config import (
     load_config,
     parse_override,
 )
+from fedtail.staging import DataIntegrityError
 
 log = logging.getLogger("fedtail")
 
@@ -100,24 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     _run_id_arg(p)
     _existing_run_args(p, resume_takes_id=True)
     command("serve", "serve the pipeline as a Prefect deployment on the config's cron schedule(s)")
-    p = command("stage", "DVC stage 1: verify data/ against data.dvc, write normalised arrays")
-    p.add_argument(
-        "--expect-data",
-        metavar="MD5",
-        help="fail unless data.dvc records this version (dvc.yaml passes it, so a new data version reruns)",
-    )
+    command("stage", "DVC stage 1: verify the dataset's files in data/ against data.dvc, write arrays")
     command("partition", "DVC stage 2: long tail, non-IID client split, task schedule")
     p = command("simulate", "DVC stage 3: run the Flower federation on the configured engine")
     _run_id_arg(p)
     _existing_run_args(p, resume_takes_id=False)
     p = command("report", "DVC stage 4: plots and report.md for a finished run")
     _run_id_arg(p, required=True)
+    p = command(
+        "data",
+        "version a dataset: 'data add DATASET' materializes its raw files (dataset.* from --config/--set) "
+        "and records them in data.dvc; the only command that changes data.dvc",
+    )
+    p.add_argument("action", choices=["add"], help="add: record (or re-record) the dataset's raw files")
+    p.add_argument("dataset", help="dataset name, e.g. digits or mnist1d")
     return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     """``--set`` items (and ``--run-id``) as dotted-key overrides onto the config."""
     overrides = dict(parse_override(o) for o in args.overrides)
+    if getattr(args, "dataset", None):
+        overrides["dataset.name"] = args.dataset
     if getattr(args, "run_id", None):
         overrides["output.run_id"] = args.run_id
     return overrides
@@ -160,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # run folders and checkpoints found unusable once work began
         print(f"fedtail: {err}", file=sys.stderr)
         return 2
+    except DataIntegrityError as err:  # data not versioned, or not matching data.dvc
+        print(f"fedtail: {err}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
@@ -182,15 +190,6 @@ def _dispatch(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
 
         serve(args.config, _overrides(args), root=str(root))
     elif args.command == "stage":
-        from fedtail.staging import data_md5
-
-        recorded = data_md5(root, cfg.output.data_dir)
-        if args.expect_data and args.expect_data.removesuffix(".dir") != recorded:
-            print(
-                f"fedtail: data.dvc records {recorded or 'nothing'}, expected {args.expect_data}",
-                file=sys.stderr,
-            )
-            return 2
         print(pipeline.stage(cfg, root))
     elif args.command == "partition":
         print(pipeline.partition(cfg, pipeline.stage(cfg, root), root))
@@ -201,6 +200,18 @@ def _dispatch(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
         print(run_dir)
     elif args.command == "report":
         print(pipeline.report(pipeline.new_run_dir(cfg, root)))
+    elif args.command == "data":
+        from fedtail.staging import add_data
+
+        paths, changed = add_data(cfg, root)
+        dvc_file = Path(cfg.output.data_dir).with_suffix(".dvc").name
+        if changed:
+            print(f"recorded {cfg.dataset.name} ({', '.join(paths)}) in {dvc_file}; commit it:")
+            print(f"  git add {dvc_file} .gitignore && git commit -m 'data: version {cfg.dataset.name}'")
+        else:
+            print(
+                f"{cfg.dataset.name} ({', '.join(paths)}) is already versioned in {dvc_file}; nothing to do"
+            )
     return 0
 
 

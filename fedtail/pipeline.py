@@ -8,7 +8,6 @@ report), and every file is written atomically.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -17,17 +16,19 @@ from pathlib import Path
 from fedtail import io, runs
 from fedtail import staging as _staging
 from fedtail.config import FedtailConfig
-from fedtail.partition import partition_labels, write_partition
+from fedtail.partition import partition_labels, partition_problems, write_manifest, write_partition
 from fedtail.protocol import Job
 from fedtail.registry import ENGINES
 from fedtail.tasks import schedule_from_config
 
 CLIENT_APP = "clients.app:app"
+log = logging.getLogger(__name__)
 
 
 def cache_key_stage(cfg: FedtailConfig, root: Path = Path(".")) -> str:
-    """Data version (md5 in data.dvc) + dataset parameters: what the staged arrays depend on."""
-    return f"stage-{_staging.data_md5(root, cfg.output.data_dir)}-{cfg.fingerprint('dataset')}"
+    """The dataset's data version (its md5s in data.dvc) + dataset parameters: what the staged arrays
+    depend on."""
+    return f"stage-{_staging.data_md5(cfg, root)}-{cfg.fingerprint('dataset')}"
 
 
 def stage(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
@@ -48,16 +49,23 @@ def cache_key_partition(cfg: FedtailConfig, staged_dir: Path) -> str:
 
 
 def partition(cfg: FedtailConfig, staged_dir: Path, root: Path = Path(".")) -> Path:
-    """Long tail + non-IID client split + task schedule; idempotent per cache key."""
+    """Long tail + non-IID client split + task schedule; idempotent per cache key.
+
+    An existing folder is reused only if its files match the sha256s in its ``DONE`` manifest; else it is
+    written again (it is derived data: nothing is lost).
+    """
     out = io.under(root, cfg.output.artifacts_dir) / "partitions" / cache_key_partition(cfg, staged_dir)
-    if (out / "DONE").is_file():
-        return out
+    if out.is_dir():
+        problems = partition_problems(out)
+        if not problems:
+            return out
+        log.warning("partition folder %s fails its check (%s): writing it again", out, ", ".join(problems))
     splits = _staging.load_staged(staged_dir)
     result = partition_labels(splits.y_train, cfg.num_classes, cfg)
     schedule = schedule_from_config(cfg)
     with io.atomic_dir(out) as tmp:
         write_partition(result, schedule, len(splits.y_train), tmp)
-        io.write_text(tmp / "DONE", json.dumps({"staged": Path(staged_dir).name}) + "\n")
+        write_manifest(tmp, staged=Path(staged_dir).name)
     return out
 
 

@@ -1,17 +1,24 @@
 """DVC-versioned raw data and the normalised arrays staged from it.
 
-``data/`` (``output.data_dir``) holds one folder of raw files per dataset and is tracked as a single DVC
-output by ``data.dvc`` beside it. `ensure_raw` keeps the two in step:
+``data/`` (``output.data_dir``) holds one folder of raw files per dataset. ``data.dvc`` beside it records
+one DVC output per raw file of every *versioned dataset variant* (e.g. ``data/digits/images.npy``,
+``data/mnist1d/x_n6000.npy``), so each dataset is checked on its own: a run on digits never depends on
+the bytes of mnist1d. Versions change only through `add_data` (``fedtail data add``); running
+never rewrites ``data.dvc``. `ensure_raw` keeps the configured dataset's files in step with it:
 
-* data present and matching ``data.dvc``: return at once (DVC's state database makes the check a few
+* files present and matching ``data.dvc``: return at once (DVC's state database makes the check a few
   stat calls; no file is re-hashed unless its size, mtime or inode changed);
-* data differing from ``data.dvc``: `DataIntegrityError` naming the files. Nothing is re-created
-  silently: the user restores with ``dvc checkout data.dvc`` (local cache) or ``dvc pull data.dvc``;
-* requested dataset missing: restore it from the DVC cache or the default remote if ``data.dvc`` has it,
-  else materialize it from its source and record the new version with ``dvc add`` (+ ``dvc push``).
+* files differing from ``data.dvc``: `DataIntegrityError` naming them and a fix that loses nothing for
+  the situation at hand (recorded version in the DVC cache, in the remote, or nowhere); never repaired
+  silently;
+* files missing: checked out of the DVC cache (fetched from the default remote first if needed), else
+  regenerated from the dataset's embedded source and accepted only if every file matches its md5;
+* dataset (variant) not in ``data.dvc``: `DataIntegrityError` naming the ``fedtail data add`` command.
 
-`stage` turns a dataset's raw folder into float32 train/test arrays under
-``artifacts/staged/<name>-<key>/``, keyed by the data version and the dataset config.
+`stage` turns a dataset's raw files into float32 train/test arrays under
+``artifacts/staged/<name>-<key>/``, keyed by the dataset's data version and config, with the sha256 of
+each array in ``meta.json``: a staged folder whose files no longer match is rebuilt by `stage` and
+refused by `load_staged` (checked once per process and file state, not per call).
 
 Every DVC call runs under one file lock (``.dvc/tmp/fedtail-staging.lock``), and DVC's own repo lock is
 waited for rather than failed on, so concurrent flows and a user's ``dvc`` commands serialise.
@@ -25,11 +32,12 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,12 +59,53 @@ log = logging.getLogger(__name__)
 REMOTE_NAME = "local"
 REMOTE_DIR = ".dvcstore"  # <root>/.dvcstore, git-ignored
 STAGED_FILES = ("x_train.npy", "y_train.npy", "x_test.npy", "y_test.npy")
+DIGESTS_KEY = "sha256"  # meta.json / DONE field: {file name: sha256 of its bytes}
 _LOCK_FILE = "fedtail-staging.lock"
-_MAX_LISTED = 10
 
 
 class DataIntegrityError(RuntimeError):
-    """``data/`` differs from ``data.dvc`` or cannot be brought back to it; never repaired silently."""
+    """Data differs from its recorded version, is not versioned, or cannot be restored; never repaired
+    silently."""
+
+
+# ---- file digests, verified once per file state ----------------------------------------------------
+_verified: dict[str, tuple] = {}
+
+
+def file_digests(folder: Path, names: Iterable[str]) -> dict[str, str]:
+    """``{name: sha256}`` of files in ``folder``: the manifest written beside staged arrays and partitions."""
+    digests = {}
+    for name in names:
+        with open(Path(folder) / name, "rb") as fh:
+            digests[name] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return digests
+
+
+def _stat_signature(folder: Path, names: Iterable[str]) -> tuple:
+    stats = [(Path(folder) / n).stat() for n in names]
+    return tuple((n, s.st_size, s.st_mtime_ns, s.st_ino) for n, s in zip(names, stats, strict=True))
+
+
+def manifest_problems(folder: Path, recorded: dict[str, str]) -> list[str]:
+    """Files of ``recorded`` that are missing or whose sha256 differs, e.g. ``['x_train.npy (modified)']``.
+
+    Hot paths (every client process loads its data each round) pay for hashing once: a folder that passed
+    is remembered with the size, mtime and inode of its files and not hashed again until one changes.
+    """
+    folder = Path(folder).resolve()
+    names = sorted(recorded)
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        return [f"{n} (missing)" for n in missing]
+    key = str(folder)
+    signature = _stat_signature(folder, names)
+    if _verified.get(key) == signature:
+        return []
+    actual = file_digests(folder, names)
+    bad = [f"{n} (modified or truncated)" for n in names if actual[n] != recorded[n]]
+    if not bad:
+        _verified[key] = signature
+    return bad
 
 
 # ---- paths -----------------------------------------------------------------------------------------
@@ -76,20 +125,46 @@ def _dvc_file(data_dir: Path) -> Path:
     return data_dir.with_name(data_dir.name + ".dvc")
 
 
-def _recorded_md5(dvc_file: Path) -> str:
+def _raw_names(spec: DatasetSpec, cfg: FedtailConfig) -> list[str]:
+    """The raw files of this dataset variant, from the dataset module's ``raw_files(dataset_cfg)``."""
+    hook = getattr(sys.modules.get(getattr(spec.materialize, "__module__", "")), "raw_files", None)
+    if not callable(hook):
+        raise TypeError(f"dataset plug-in {spec.name!r} must define raw_files(dataset_cfg) in its module")
+    return list(hook(cfg.dataset))
+
+
+def _variant_files(cfg: FedtailConfig, root: Path) -> tuple[Path, dict[str, Path]]:
+    """``data.dvc`` and ``{output path as written in data.dvc: file}`` for the configured dataset."""
+    spec = DATASETS.get(cfg.dataset.name)
+    data_dir = _data_dir(cfg, root)
+    dvc_file = _dvc_file(data_dir)
+    raw = data_dir / spec.name
+    files = {
+        Path(os.path.relpath(raw / n, dvc_file.parent)).as_posix(): raw / n for n in _raw_names(spec, cfg)
+    }
+    return dvc_file, files
+
+
+def _recorded(dvc_file: Path) -> dict[str, str]:
+    """``{output path: md5}`` of every output recorded in ``data.dvc`` (read as YAML: no DVC import)."""
     if not dvc_file.is_file():
-        return ""
+        return {}
     doc = yaml.safe_load(dvc_file.read_text()) or {}
-    outs = doc.get("outs") or [{}]
-    return str(outs[0].get("md5", "")).removesuffix(".dir")
+    return {str(o.get("path")): str(o.get("md5", "")) for o in doc.get("outs") or []}
 
 
-def data_md5(root: Path, data_dir: str = "data") -> str:
-    """The md5 of the whole data folder recorded in ``data.dvc`` (without DVC's ``.dir`` suffix).
+def data_md5(cfg: FedtailConfig, root: Path = Path(".")) -> str:
+    """The configured dataset's version as recorded in ``data.dvc``: an md5 over its files' md5s.
 
-    A cheap cache key for everything derived from the raw data; ``""`` while the data is not versioned.
+    A cheap cache key for everything derived from the dataset; ``""`` while it is not (fully) versioned.
+    Other datasets' versions do not enter it, so recording a new mnist1d leaves digits' caches valid.
     """
-    return _recorded_md5(_dvc_file(io.under(Path(root), data_dir)))
+    dvc_file, files = _variant_files(cfg, Path(root))
+    recorded = _recorded(dvc_file)
+    if not all(recorded.get(path) for path in files):
+        return ""
+    blob = json.dumps({path: recorded[path] for path in files}, sort_keys=True)
+    return hashlib.md5(blob.encode()).hexdigest()
 
 
 # ---- locking and DVC handles -----------------------------------------------------------------------
@@ -123,181 +198,223 @@ def _open_repo(root: Path) -> Repo:
     return repo
 
 
-def _tracked(repo: Repo, dvc_file: Path) -> Output:
-    """The one output of ``data.dvc``, loaded fresh (an Output caches nothing about the workspace)."""
-    (out,) = repo.stage.load_one(str(dvc_file)).outs
-    return out
-
-
-def _matches(out: Output) -> bool:
-    """Workspace hash == recorded hash; DVC's state db skips files whose size/mtime/inode are unchanged."""
-    return bool(out.exists) and not out.changed_checksum()
+def _outs(repo: Repo, dvc_file: Path, paths: Iterable[str]) -> list[Output]:
+    """The outputs of ``data.dvc`` for ``paths``, loaded fresh (an Output caches nothing about the
+    workspace)."""
+    wanted = set(paths)
+    return [o for o in repo.stage.load_one(str(dvc_file)).outs if o.def_path in wanted]
 
 
 def _has_remote(repo: Repo) -> bool:
     return bool(repo.config["core"].get("remote"))
 
 
+def _fetch(repo: Repo, outs: list[Output]) -> None:
+    """Bring missing objects from the default remote into the cache; harmless, touches no workspace file."""
+    from dvc.exceptions import DvcException
+
+    need = [o for o in outs if o.changed_cache()]
+    if not need or not _has_remote(repo):
+        return
+    try:
+        repo.fetch(targets=[o.fs_path for o in need])
+    except DvcException as err:
+        log.warning("dvc fetch failed: %s", err)
+
+
 # ---- raw data --------------------------------------------------------------------------------------
-def _expected_files(spec: DatasetSpec, cfg: FedtailConfig) -> list[str] | None:
-    """A dataset module may define ``raw_files(dataset_cfg)`` when its raw files depend on the config."""
-    hook = getattr(sys.modules.get(getattr(spec.materialize, "__module__", "")), "raw_files", None)
-    return list(hook(cfg.dataset)) if callable(hook) else None
+def _data_add_command(cfg: FedtailConfig) -> str:
+    """``fedtail data add <name> --set ...``: the command that versions this dataset variant."""
+    defaults = type(cfg.dataset)(name=cfg.dataset.name).model_dump(mode="json")
+    sets = [
+        f"--set dataset.{k}={shlex.quote(str(v))}"
+        for k, v in cfg.dataset.model_dump(mode="json").items()
+        if k not in ("name", "download") and v != defaults.get(k)
+    ]
+    return " ".join(["fedtail data add", cfg.dataset.name, *sets])
 
 
-def _complete(spec: DatasetSpec, cfg: FedtailConfig, raw: Path) -> bool:
-    if not raw.is_dir():
-        return False
-    files = _expected_files(spec, cfg)
-    return any(raw.iterdir()) if files is None else all((raw / f).is_file() for f in files)
+def _materialize(
+    spec: DatasetSpec, cfg: FedtailConfig, root: Path, raw: Path, names: list[str]
+) -> list[Path]:
+    """Generate the dataset in a temp folder, then move in those of ``names`` that are absent.
 
-
-def _materialize(spec: DatasetSpec, cfg: FedtailConfig, root: Path, raw: Path) -> None:
-    """Write into a temp folder first, then move the files in: a crash never leaves a half-written file."""
+    Returns the files moved in. A crash never leaves a half-written file, and no existing file is touched.
+    """
     log.info("materializing %s from %s into %s", spec.name, spec.source or "its source", raw)
     tmp_parent = root / ".dvc" / "tmp"
     tmp_parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"materialize-{spec.name}-", dir=tmp_parent))
+    moved = []
     try:
         spec.materialize(cfg.dataset, tmp)
-        for src in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            dest = raw / src.relative_to(tmp)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(src, dest)  # a rename when .dvc/tmp and data/ share a file system
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            if not (raw / name).exists():
+                shutil.move(tmp / name, raw / name)  # a rename when .dvc/tmp and data/ share a file system
+                moved.append(raw / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return moved
 
 
-def _changes(out: Output) -> dict[str, list[str]] | None:
-    """Per-file differences data/ vs data.dvc; None when the recorded listing is not in the cache."""
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.diff import diff
-
-    old = out.get_obj()
-    if old is None:
-        return None
-    new = None
-    if out.exists:
-        _, _, new = build(out.cache, out.fs_path, out.fs, out.hash_name, ignore=out.dvcignore, dry_run=True)
-    result = diff(old, new, out.cache)
-    top = Path(out.fs_path).name
-    paths: dict[str, list[str]] = {}
-    for kind in ("modified", "added", "deleted"):
-        keys = ((change.new.key or change.old.key) for change in getattr(result, kind))
-        paths[kind] = sorted("/".join((top, *key)) for key in keys if any(key))  # skip the folder itself
-    return paths
+def _dvc_file_edited(root: Path, dvc_file: Path) -> bool:
+    """True when ``data.dvc`` differs from the last git commit (a hand edit or an uncommitted add)."""
+    out = _git(root, "diff", "--quiet", "HEAD", "--", os.path.relpath(dvc_file, root))
+    return out.returncode == 1
 
 
-def _describe(changes: dict[str, list[str]] | None) -> str:
-    if changes is None:
-        return "  (the file list of the recorded version is not in the local DVC cache)"
-    lines = [f"  {kind}: {path}" for kind, paths in changes.items() for path in paths]
-    more = len(lines) - _MAX_LISTED
-    return "\n".join(lines[:_MAX_LISTED] + ([f"  ... and {more} more"] if more > 0 else []))
+def _mismatch(repo: Repo, cfg: FedtailConfig, root: Path, dvc_file: Path, bad: list[Output]) -> str:
+    """The error for files that differ from data.dvc, with a fix that works in this situation.
 
-
-def _restore(repo: Repo, dvc_file: Path) -> bool:
-    """Check data/ out of the DVC cache, fetching from the default remote first if needed.
-
-    Returns False, touching nothing, when the objects are in neither: DVC 3.67's checkout deletes the
-    whole output folder when it fails on missing cache objects, so it only runs once the cache is complete.
+    DVC 3.67's ``checkout``/``pull`` *delete* an output whose recorded objects are missing from the cache,
+    so they are advised only once the objects are there (fetched from the remote first if possible).
     """
-    from dvc.exceptions import DvcException
-
-    if _tracked(repo, dvc_file).changed_cache():
-        if not _has_remote(repo):
-            return False
-        try:
-            repo.fetch(targets=[str(dvc_file)])
-        except DvcException as err:
-            log.warning("dvc fetch %s failed: %s", dvc_file.name, err)
-        if _tracked(repo, dvc_file).changed_cache():
-            return False
-    log.info("restoring %s from the DVC cache", dvc_file.name)
-    repo.checkout(targets=[str(dvc_file)])
-    return True
-
-
-def _record(repo: Repo, data_dir: Path, dvc_file: Path, why: str) -> None:
-    """``dvc add`` the data folder, push it to the default remote, and say that data.dvc must be committed."""
-    from dvc.exceptions import DvcException
-
-    repo.add(str(data_dir))
-    md5 = _recorded_md5(dvc_file)
-    log.warning(
-        "%s: recorded a new data version in %s (md5 %s); commit it: git add %s .gitignore && git commit",
-        why,
-        dvc_file.name,
-        md5,
-        dvc_file.name,
-    )
-    if _has_remote(repo):
-        try:
-            repo.push(targets=[str(dvc_file)])
-        except DvcException as err:
-            log.warning(
-                "dvc push failed (%s): run `dvc push %s` once the remote is reachable", err, dvc_file.name
+    rel = os.path.relpath(dvc_file, root)
+    paths = " ".join(o.def_path for o in bad)
+    spec = DATASETS.get(cfg.dataset.name)
+    lines = [f"{cfg.dataset.name} in {cfg.output.data_dir}/ does not match the version recorded in {rel}:"]
+    lines += [f"  modified: {o.def_path}" for o in bad]
+    _fetch(repo, bad)
+    if not any(o.changed_cache() for o in bad):
+        lines.append(
+            f"The recorded version is in the DVC cache. To discard the change and restore it, run: "
+            f"`dvc checkout --force {paths}`"
+        )
+    else:
+        lines.append("The recorded version is in neither the local DVC cache nor the remote.")
+        if _dvc_file_edited(root, dvc_file):
+            lines.append(
+                f"{rel} differs from your last commit (see `git diff {rel}`). To return to the committed "
+                f"version, run: `git checkout {rel}`"
             )
+        raw = Path(cfg.output.data_dir) / spec.name
+        lines.append(
+            f"To get the recorded version back from {spec.source or 'its source'}, move the files aside "
+            f"(`mv {raw} {raw}.bak`) and run again: fedtail regenerates them and accepts them only if "
+            f"they match {rel}."
+        )
+    lines.append(
+        f"If the files in {cfg.output.data_dir}/ are the version you want, record them with "
+        f"`{_data_add_command(cfg)}` and commit {rel}. fedtail never replaces raw data silently."
+    )
+    return "\n".join(lines)
 
 
 def _ensure_raw(cfg: FedtailConfig, root: Path) -> Path:
     spec = DATASETS.get(cfg.dataset.name)
-    data_dir = _data_dir(cfg, root)
-    dvc_file = _dvc_file(data_dir)
-    raw = data_dir / spec.name
+    dvc_file, files = _variant_files(cfg, root)
+    raw = _data_dir(cfg, root) / spec.name
     rel = os.path.relpath(dvc_file, root)
-    with _open_repo(root) as repo:
-        if not dvc_file.is_file():
-            if not _complete(spec, cfg, raw):
-                _materialize(spec, cfg, root, raw)
-            _record(repo, data_dir, dvc_file, f"{rel} did not exist")
-            return raw
-
-        if not (data_dir.is_dir() and any(data_dir.iterdir())) and not _restore(repo, dvc_file):
-            # Fresh clone, nothing in cache or remote: regenerate; only byte-identical data is accepted.
-            _materialize(spec, cfg, root, raw)
-            if not _matches(_tracked(repo, dvc_file)):
-                shutil.rmtree(raw)  # leave data/ as found, so a retry after `dvc pull` starts clean
-                with contextlib.suppress(OSError):
-                    data_dir.rmdir()
-                raise DataIntegrityError(
-                    f"{spec.name} was regenerated from its source, but {data_dir.name}/ does not match "
-                    f"the version recorded in {rel} (md5 {_recorded_md5(dvc_file)}), which holds data "
-                    f"this machine cannot recreate. Run `dvc pull {rel}` to fetch it from the remote."
-                )
-            repo.commit(str(dvc_file), force=True)  # fill the local cache so `dvc checkout` works later
-            return raw
-
-        out = _tracked(repo, dvc_file)
-        if _matches(out):
-            if not _complete(spec, cfg, raw):
-                _materialize(spec, cfg, root, raw)
-                _record(repo, data_dir, dvc_file, f"dataset {spec.name!r} was not in {rel}")
-            return raw
-
-        changes = _changes(out)
-        only_deleted = changes is not None and not changes["modified"] and not changes["added"]
-        if only_deleted and not _complete(spec, cfg, raw):
-            if _restore(repo, dvc_file) and _matches(_tracked(repo, dvc_file)):
-                return raw
-            raise DataIntegrityError(
-                f"{spec.name} is recorded in {rel} but missing from {data_dir.name}/ and not in the DVC "
-                f"cache or remote:\n{_describe(changes)}\nRun `dvc pull {rel}` from the remote that holds it."
-            )
+    recorded = _recorded(dvc_file)
+    unversioned = [p for p in files if p not in recorded]
+    if unversioned:
         raise DataIntegrityError(
-            f"{data_dir.name}/ does not match the version recorded in {rel}:\n{_describe(changes)}\n"
-            f"Restore it with `dvc checkout {rel}` (from the local DVC cache) or `dvc pull {rel}` (from the "
-            f"remote); if the change is intended, record it with `dvc add {data_dir.name}` and commit "
-            f"{rel}. fedtail never re-stages raw data silently."
+            f"dataset {spec.name!r} with this config is not versioned in {rel} (no entry for "
+            f"{', '.join(unversioned)}). Running never changes the recorded data; to version it, run "
+            f"`{_data_add_command(cfg)}` and commit {rel}."
         )
+    with _open_repo(root) as repo:
+        outs = _outs(repo, dvc_file, files)
+        bad = [o for o in outs if o.exists and o.changed_checksum()]
+        if bad:
+            raise DataIntegrityError(_mismatch(repo, cfg, root, dvc_file, bad))
+        missing = [o for o in outs if not o.exists]
+        if not missing:
+            return raw
+        _fetch(repo, missing)
+        ready = [o.fs_path for o in missing if not o.changed_cache()]
+        if ready:  # only outputs whose objects are all cached: a failed checkout deletes the output
+            log.info("restoring %s from the DVC cache", ", ".join(os.path.relpath(p, root) for p in ready))
+            repo.checkout(targets=ready)
+        missing = [o for o in _outs(repo, dvc_file, files) if not o.exists]
+        if missing:
+            _regenerate(repo, spec, cfg, root, raw, missing, rel)
+    return raw
+
+
+def _regenerate(
+    repo: Repo, spec: DatasetSpec, cfg: FedtailConfig, root: Path, raw: Path, missing: list[Output], rel: str
+) -> None:
+    """Fresh clone, nothing in cache or remote: regenerate; only byte-identical files are accepted."""
+    names = [Path(o.fs_path).name for o in missing]
+    moved = _materialize(spec, cfg, root, raw, names)
+    differ = [o for o in missing if o.changed_checksum()]
+    if differ:
+        for path in moved:  # leave data/ as found, so a retry after `dvc pull` starts clean
+            path.unlink()
+        with contextlib.suppress(OSError):
+            raw.rmdir()
+        raise DataIntegrityError(
+            f"{spec.name} was regenerated from {spec.source or 'its source'} on this machine, but "
+            f"{', '.join(o.def_path for o in differ)} do not match the version recorded in {rel}. Either "
+            f"{rel} records data this machine's generator does not reproduce (generators that use "
+            f"floating-point math may differ between CPUs and library versions; see docs/architecture.md), "
+            f"or it was recorded from other data. Fetch the recorded files with "
+            f"`dvc pull {' '.join(o.def_path for o in missing)}` from a "
+            f"remote that holds them, or record this machine's version with `{_data_add_command(cfg)}` "
+            f"(changes {rel}: commit it)."
+        )
+    for out in missing:
+        out.commit()  # fill the local cache so `dvc checkout` can repair these files later
 
 
 def ensure_raw(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
-    """``root/data/<name>``, checked against ``data.dvc`` and restored or created as needed."""
+    """``root/data/<name>``, the configured dataset's files checked against ``data.dvc`` and restored or
+    regenerated as needed; never changes ``data.dvc``."""
     root = Path(root)
     _require_dvc(root)
     with _locked(root):
         return _ensure_raw(cfg, root)
+
+
+def add_data(cfg: FedtailConfig, root: Path = Path(".")) -> tuple[list[str], bool]:
+    """Version the configured dataset variant: materialize its absent raw files, record every one of them
+    as an output of ``data.dvc`` (other datasets' entries untouched), cache and push them.
+
+    The explicit way to make a data version (``fedtail data add``). Files already in ``data/`` are recorded
+    as they are. Returns the recorded output paths and whether ``data.dvc`` changed.
+    """
+    from dvc.exceptions import DvcException
+    from dvc.output import loads_from
+
+    root = Path(root)
+    _require_dvc(root)
+    spec = DATASETS.get(cfg.dataset.name)
+    dvc_file, files = _variant_files(cfg, root)
+    raw = _data_dir(cfg, root) / spec.name
+    with _locked(root), _open_repo(root) as repo:
+        absent = [path.name for path in files.values() if not path.exists()]
+        if absent:
+            _materialize(spec, cfg, root, raw, absent)
+        if dvc_file.is_file():
+            stage = repo.stage.load_one(str(dvc_file))
+        else:
+            stage = repo.stage.create(
+                single_stage=True, validate=False, fname=str(dvc_file), wdir=str(dvc_file.parent), outs=[]
+            )
+        before = {o.def_path: o.hash_info for o in stage.outs}
+        new = loads_from(stage, list(files))
+        for out in new:
+            out.save()
+            if before.get(out.def_path) != out.hash_info or out.changed_cache():
+                out.commit()  # into the local cache (a commit re-links the file: only when needed)
+        changed = any(before.get(o.def_path) != o.hash_info for o in new)
+        if changed:
+            kept = [o for o in stage.outs if o.def_path not in files]
+            stage.outs = sorted([*kept, *new], key=lambda o: o.def_path)
+            stage.dump()
+            repo.scm_context.ignore(str(_data_dir(cfg, root).resolve()))  # the data folder stays out of git
+            if _has_remote(repo):
+                try:
+                    repo.push(targets=[o.fs_path for o in new])
+                except DvcException as err:
+                    log.warning(
+                        "dvc push failed (%s): run `dvc push %s` once the remote is reachable",
+                        err,
+                        os.path.relpath(dvc_file, root),
+                    )
+    return list(files), changed
 
 
 # ---- staged arrays ---------------------------------------------------------------------------------
@@ -308,19 +425,40 @@ def _stage_key(md5: str, cfg: FedtailConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def staged_problems(staged_dir: Path) -> list[str]:
+    """What is wrong with a staged folder (missing meta.json, a file missing or not matching its sha256);
+    ``[]`` when it can be used."""
+    meta_path = Path(staged_dir) / "meta.json"
+    if not meta_path.is_file():
+        return ["meta.json (missing)"]
+    try:
+        recorded = json.loads(meta_path.read_text())[DIGESTS_KEY]
+    except (ValueError, KeyError, TypeError):
+        return [f"meta.json (unreadable or without a {DIGESTS_KEY} manifest)"]
+    if sorted(recorded) != sorted(STAGED_FILES):
+        return [f"meta.json ({DIGESTS_KEY} lists {sorted(recorded)})"]
+    return manifest_problems(staged_dir, recorded)
+
+
 def stage(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
-    """`ensure_raw`, then write normalised splits to ``<artifacts>/staged/<name>-<key>/`` (idempotent)."""
+    """`ensure_raw`, then write normalised splits to ``<artifacts>/staged/<name>-<key>/`` (idempotent).
+
+    An existing folder is reused only if its files still match the sha256s in its ``meta.json``; else it
+    is rebuilt from the versioned raw data (nothing in it is lost: it is derived data).
+    """
     root = Path(root)
     spec = DATASETS.get(cfg.dataset.name)
     _require_dvc(root)
     with _locked(root):
         raw = _ensure_raw(cfg, root)
-        md5 = _recorded_md5(_dvc_file(_data_dir(cfg, root)))
+        md5 = data_md5(cfg, root)
         key = _stage_key(md5, cfg)
         out = io.under(root, cfg.output.artifacts_dir) / "staged" / f"{spec.name}-{key}"
-        meta_path = out / "meta.json"
-        if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
-            return out
+        if out.is_dir():
+            problems = staged_problems(out)  # the key is in the folder name; the files must match meta.json
+            if not problems:
+                return out
+            log.warning("staged arrays in %s fail their check (%s): staging again", out, ", ".join(problems))
         splits = spec.load(cfg.dataset, raw)
         with io.atomic_dir(out) as tmp:
             arrays = (splits.x_train, splits.y_train, splits.x_test, splits.y_test)
@@ -337,6 +475,7 @@ def stage(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
                     "data_md5": md5,
                     "source": spec.source,
                     "dataset": cfg.dataset.model_dump(mode="json"),
+                    DIGESTS_KEY: file_digests(tmp, STAGED_FILES),
                 },
             )
     log.info("staged %s into %s", spec.name, out)
@@ -348,7 +487,15 @@ def staged_meta(staged_dir: Path) -> dict[str, Any]:
 
 
 def load_staged(staged_dir: Path, mmap: bool = True) -> Splits:
-    """The staged splits; memory-mapped read-only by default so client processes share the pages."""
+    """The staged splits, checked against the sha256s in ``meta.json`` (once per process and file state);
+    memory-mapped read-only by default so client processes share the pages."""
+    problems = staged_problems(staged_dir)
+    if problems:
+        raise DataIntegrityError(
+            f"staged arrays in {staged_dir} do not match their meta.json: {', '.join(problems)}. They were "
+            "changed after staging; re-run the pipeline (`fedtail run`, or `fedtail stage` with the same "
+            "config), which stages them again from the versioned raw data."
+        )
     mode = "r" if mmap else None
     arrays = [np.load(Path(staged_dir) / name, mmap_mode=mode) for name in STAGED_FILES]
     return Splits(*arrays)

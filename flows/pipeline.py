@@ -30,8 +30,9 @@ from prefect.runtime import flow_run
 
 from fedtail import pipeline, runs
 from fedtail.config import FedtailConfig, check_paths, load_config
+from fedtail.partition import partition_problems
 from fedtail.report import rounds_table, summary_markdown
-from fedtail.staging import ensure_raw
+from fedtail.staging import ensure_raw, staged_problems
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,12 @@ class OutputDirCache(CachePolicy):
     artifacts/``). Before Prefect looks the key up, this policy reads the stored record itself: if the path
     it holds is gone, the key is None, so the task runs again (and is not persisted). Because the
     directory is content-addressed, the rerun recreates the same path and the old record is valid again.
+    The same holds when ``problems_fn(path)`` reports a file that no longer matches its recorded sha256
+    (the task rebuilds it), so a modified or truncated staged array is never handed on from the cache.
     """
 
     key_fn: Callable[[dict[str, Any]], str] | None = None
+    problems_fn: Callable[[Path], list[str]] | None = None
 
     def compute_key(
         self,
@@ -68,6 +72,14 @@ class OutputDirCache(CachePolicy):
             cached = store.read(key).result
             if not Path(cached).is_dir():
                 log.warning("cached output %s no longer exists; running %s again", cached, task_ctx.task.name)
+                return None
+            if self.problems_fn is not None and (problems := self.problems_fn(Path(cached))):
+                log.warning(
+                    "cached output %s fails its check (%s); running %s again",
+                    cached,
+                    ", ".join(problems),
+                    task_ctx.task.name,
+                )
                 return None
         return key
 
@@ -88,8 +100,8 @@ def partition_key(inputs: dict[str, Any]) -> str:
     return f"{pipeline.cache_key_partition(cfg, Path(inputs['staged_dir']))}-{_location(cfg, root)}"
 
 
-STAGE_CACHE = OutputDirCache(key_fn=stage_key)
-PARTITION_CACHE = OutputDirCache(key_fn=partition_key)
+STAGE_CACHE = OutputDirCache(key_fn=stage_key, problems_fn=staged_problems)
+PARTITION_CACHE = OutputDirCache(key_fn=partition_key, problems_fn=partition_problems)
 
 
 # ---- per-round progress (plain functions) --------------------------------------------------------

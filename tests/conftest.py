@@ -34,8 +34,9 @@ def git(root: Path, *args: str) -> str:
 
 @pytest.fixture(scope="session")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A git repo with DVC initialised and a local remote, as a fresh clone would have."""
-    from fedtail.staging import init_dvc
+    """A git repo with DVC initialised, a local remote and digits versioned in data.dvc, as a fresh clone
+    would have."""
+    from fedtail.staging import add_data, init_dvc
 
     root = tmp_path_factory.mktemp("project")
     git(root, "init", "-q")
@@ -43,6 +44,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     git(root, "add", "README.md")
     git(root, "commit", "-q", "-m", "init")
     init_dvc(root)
+    add_data(smoke_config(root), root)
     return root
 
 

@@ -47,11 +47,6 @@ def test_stage_commands_chain_like_dvc_repro(project: Path, capsys: pytest.Captu
     assert report == project / "cli-runs" / "cli" / "report.md" and report.is_file()
 
 
-def test_stage_refuses_an_unexpected_data_version(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["stage", *_args(project, "--expect-data", "0" * 32 + ".dir")]) == 2
-    assert "data.dvc records" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     ("extra", "hint"),
     [
@@ -104,3 +99,17 @@ def test_output_folder_that_is_a_file_fails_before_work(
     err = capsys.readouterr().err
     assert "output.runs_dir=" in err and "exists and is not a folder" in err, err
     assert not any((tmp_path / "artifacts").iterdir())  # nothing staged
+
+
+def test_unversioned_dataset_is_refused_naming_the_command(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dvc_file = (project / "data.dvc").read_bytes()
+    code = main(
+        ["stage", *_args(project, "--set", "dataset.name=mnist1d", "--set", "dataset.num_samples=100")]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fedtail: ") and "Traceback" not in err
+    assert "`fedtail data add mnist1d --set dataset.num_samples=100`" in err
+    assert (project / "data.dvc").read_bytes() == dvc_file, "running must never change data.dvc"

@@ -22,7 +22,6 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from fedtail.config import ConfigError, load_config
-from fedtail.staging import ensure_raw
 from flows.pipeline import (
     OutputDirCache,
     _location,
@@ -147,11 +146,8 @@ def test_bad_config_fails_before_any_task(prefect_server: None, tmp_path: Path) 
 
 
 def test_pipeline_runs_then_caches_data_steps(prefect_server: None, project: Path, tmp_path: Path) -> None:
-    """End to end on digits: run, run again (stage + partition Cached), delete artifacts, run again.
-
-    data.dvc is written first: the stage key holds its md5, so a project's very first run (which creates
-    data.dvc) is keyed apart from the runs after it.
-    """
+    """End to end on digits: run, run again (stage + partition Cached), delete artifacts, run again,
+    damage a staged array, run again (stage rebuilt, not handed on from the cache)."""
     base = {
         "federation.num_clients": 3,
         "federation.rounds_per_task": 1,
@@ -161,8 +157,6 @@ def test_pipeline_runs_then_caches_data_steps(prefect_server: None, project: Pat
         "output.artifacts_dir": str(tmp_path / "artifacts"),
         "output.runs_dir": str(tmp_path / "runs"),
     }
-
-    ensure_raw(load_config(SMOKE, base), project)
 
     def run(run_id: str) -> tuple[Path, dict[str, str]]:
         state = fl_pipeline(
@@ -198,6 +192,13 @@ def test_pipeline_runs_then_caches_data_steps(prefect_server: None, project: Pat
     assert states["stage"] == "Completed" and states["partition"] == "Completed"
     assert (tmp_path / "artifacts").is_dir()
 
+    (x_train,) = (tmp_path / "artifacts" / "staged").glob("*/x_train.npy")
+    good = x_train.read_bytes()
+    x_train.write_bytes(good[:-4] + bytes(b ^ 0xFF for b in good[-4:]))  # same size, last value changed
+    run_dir, states = run("fourth")
+    assert states["stage"] == "Completed" and x_train.read_bytes() == good
+    assert states["partition"] == "Cached"  # its own files still match their manifest
+
 
 def test_cli_resume_continues_a_crashed_run(prefect_server: None, project: Path, tmp_path: Path) -> None:
     """`fedtail run --resume RUN_ID` picks up the run's own config.yaml and finishes from its checkpoint."""
@@ -219,13 +220,20 @@ def test_cli_resume_continues_a_crashed_run(prefect_server: None, project: Path,
 
 
 def test_stage_cache_key_reads_the_configured_data_dir(tmp_path: Path) -> None:
-    """The key carries the data version recorded beside ``output.data_dir``, wherever that is."""
+    """The key carries the dataset's version recorded beside ``output.data_dir``, wherever that is, and
+    only that dataset's: recording another dataset leaves it unchanged."""
     from fedtail.pipeline import cache_key_stage
 
-    (tmp_path / "raw.dvc").write_text("outs:\n- md5: " + "ab" * 16 + ".dir\n  path: raw\n")
+    entry = "- md5: {}\n  path: raw/{}\n"
+    digits = entry.format("ab" * 16, "digits/images.npy") + entry.format("cd" * 16, "digits/labels.npy")
+    (tmp_path / "raw.dvc").write_text("outs:\n" + digits)
     cfg = load_config(SMOKE, {"output.data_dir": "raw"})
-    assert "ab" * 16 in cache_key_stage(cfg, tmp_path)
-    assert "ab" * 16 not in cache_key_stage(load_config(SMOKE), tmp_path)  # data/ has no data.dvc here
+    key = cache_key_stage(cfg, tmp_path)
+    assert key != cache_key_stage(load_config(SMOKE), tmp_path)  # data/ has no data.dvc here
+    (tmp_path / "raw.dvc").write_text("outs:\n" + digits + entry.format("ef" * 16, "mnist1d/x_n4000.npy"))
+    assert cache_key_stage(cfg, tmp_path) == key
+    (tmp_path / "raw.dvc").write_text("outs:\n" + digits.replace("ab" * 16, "ba" * 16))
+    assert cache_key_stage(cfg, tmp_path) != key
 
 
 def test_flow_refuses_an_existing_run_before_any_task(prefect_server: None, tmp_path: Path) -> None:

@@ -12,19 +12,27 @@ from fedtail.registry import DATASETS
 
 N_SAMPLES = 1797
 SPLIT_SEED = 0  # the train/test split is part of the dataset, not of an experiment's seed
+RAW_FILES = ("images.npy", "labels.npy")
+
+
+def raw_files(cfg) -> list[str]:
+    """The files `materialize` writes (each is one DVC output in data.dvc)."""
+    return list(RAW_FILES)
 
 
 def _materialize(cfg, raw_dir: Path) -> None:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    write_npy(raw_dir / "images.npy", bunch.data.astype(np.uint8))
-    write_npy(raw_dir / "labels.npy", bunch.target.astype(np.int64))
+    images, labels = RAW_FILES
+    write_npy(raw_dir / images, bunch.data.astype(np.uint8))
+    write_npy(raw_dir / labels, bunch.target.astype(np.int64))
 
 
 def _load(cfg, raw_dir: Path) -> Splits:
-    x = np.load(raw_dir / "images.npy").astype(np.float32) / 16.0
-    y = np.load(raw_dir / "labels.npy").astype(np.int64)
+    images, labels = RAW_FILES
+    x = np.load(raw_dir / images).astype(np.float32) / 16.0
+    y = np.load(raw_dir / labels).astype(np.int64)
     x_tr, y_tr, x_te, y_te = stratified_split(x, y, cfg.test_fraction, SPLIT_SEED)
     return Splits(x_tr, y_tr, x_te, y_te)
 

@@ -35,6 +35,9 @@ LABELED_FILE = "labeled.npy"
 SCHEDULE_FILE = "schedule.json"
 STATS_FILE = "stats.csv"
 HEATMAP_FILE = "heatmap.png"
+PARTITION_FILES = (ASSIGNMENT_FILE, LABELED_FILE, SCHEDULE_FILE, STATS_FILE, HEATMAP_FILE)
+MANIFEST_FILE = "DONE"
+"""Written last (``{"staged": ..., "sha256": {file: digest}}``): the folder is complete and checkable."""
 
 __all__ = [
     "PartitionResult",
@@ -45,8 +48,10 @@ __all__ = [
     "load_counts",
     "load_schedule",
     "long_tail_profile",
+    "partition_problems",
     "partition_labels",
     "split_labeled",
+    "write_manifest",
     "write_partition",
 ]
 
@@ -312,8 +317,41 @@ def write_partition(
     return out_dir
 
 
+def write_manifest(partition_dir: Path, **info: Any) -> Path:
+    """Write ``DONE`` with ``info`` and the sha256 of every partition file; the loaders check against it."""
+    from fedtail.staging import DIGESTS_KEY, file_digests
+
+    digests = file_digests(partition_dir, PARTITION_FILES)
+    return write_text(Path(partition_dir) / MANIFEST_FILE, json.dumps({**info, DIGESTS_KEY: digests}) + "\n")
+
+
+def partition_problems(partition_dir: Path) -> list[str]:
+    """What is wrong with a partition folder (no ``DONE``, a file missing or not matching its sha256);
+    ``[]`` when it can be used. Checked once per process and file state, so loaders may call it freely."""
+    from fedtail.staging import DIGESTS_KEY, manifest_problems
+
+    done = Path(partition_dir) / MANIFEST_FILE
+    if not done.is_file():
+        return [f"{MANIFEST_FILE} (missing)"]
+    try:
+        recorded = json.loads(done.read_text())[DIGESTS_KEY]
+    except (ValueError, KeyError, TypeError):
+        return [f"{MANIFEST_FILE} (no {DIGESTS_KEY} manifest)"]
+    return manifest_problems(partition_dir, recorded)
+
+
 def _need(partition_dir: Path, name: str) -> Path:
+    """A file of a partition folder; a folder with a ``DONE`` manifest must match it (never used silently
+    once modified or truncated). Folders written by `write_partition` alone have none to check."""
+    from fedtail.staging import DataIntegrityError
+
     path = Path(partition_dir) / name
+    if (Path(partition_dir) / MANIFEST_FILE).is_file() and (problems := partition_problems(partition_dir)):
+        raise DataIntegrityError(
+            f"partition folder {partition_dir} does not match its {MANIFEST_FILE} manifest: "
+            f"{', '.join(problems)}. It was changed after it was written; re-run the pipeline "
+            "(`fedtail run`, or `fedtail partition` with the same config), which writes it again."
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {partition_dir} is not a partition folder written by write_partition"
