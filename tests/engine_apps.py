@@ -39,3 +39,55 @@ def train(msg: Message, context: Context):
     elif action == "none":
         return None
     return Message(RecordDict({"metrics": MetricRecord({"pid": os.getpid()})}), reply_to=msg)
+
+
+def ray_probe(actions: list[str], timeout: float) -> dict:
+    """Run the ray engine on this app: a warm-up round, the listening sockets of this process tree while
+    Ray is up, then one round with ``actions``. Returns what it saw (run it in a subprocess: a hang there
+    must not hang the test)."""
+    import psutil
+    from flwr.serverapp import Grid, ServerApp
+
+    from fedtail.config import FedtailConfig
+    from fedtail.registry import ENGINES
+
+    n = len(actions)
+    cfg = FedtailConfig.model_validate(
+        {"federation": {"num_clients": n}, "engine": {"name": "ray", "timeout": timeout, "device": "cpu"}}
+    )
+    seen: dict = {}
+    server = ServerApp()
+
+    def round_(grid: Grid, nodes: list[int], acts: list[str], limit: float) -> list[str]:
+        messages = [
+            Message(RecordDict({"cfg": ConfigRecord({"action": a})}), dst_node_id=node, message_type="train")
+            for node, a in zip(nodes, acts, strict=True)
+        ]
+        by_node = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=limit)}
+        return [
+            "missing"
+            if node not in by_node
+            else by_node[node].error.reason
+            if by_node[node].has_error()
+            else "ok"
+            for node in nodes
+        ]
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        while len(nodes := sorted(grid.get_node_ids())) < n:
+            time.sleep(0.2)
+        seen["warm_up"] = round_(grid, nodes, ["ok"] * n, 300.0)
+        me = psutil.Process()
+        tree = {p.pid: p.name() for p in [me, *me.children(recursive=True)]}
+        seen["listening"] = sorted(
+            {
+                (c.laddr.ip, tree[c.pid])
+                for c in psutil.net_connections("inet")
+                if c.status == psutil.CONN_LISTEN and c.pid in tree
+            }
+        )
+        seen["round"] = round_(grid, nodes, actions, cfg.engine.timeout)
+
+    ENGINES.get("ray")(server, "tests.engine_apps:app", cfg)
+    return seen

@@ -4,16 +4,22 @@ reply, never the round; and a local Ray listens on loopback only."""
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from fedtail.engines.inprocess import InProcessGrid, set_server_identity
 from tests.engine_apps import HANG_SECONDS, calls
 
 APP = "tests.engine_apps:app"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _grid(workers: int, timeout: float | None = 3.0) -> InProcessGrid:
@@ -89,3 +95,58 @@ def test_worker_process_that_exits_is_replaced() -> None:
         assert len({int(r.content["metrics"]["pid"]) for r in replies}) >= 1
     finally:
         grid.close()
+
+
+def _ray_probe(actions: list[str], timeout: float) -> dict:
+    """`tests.engine_apps.ray_probe` in a subprocess, so that a hang fails the test instead of blocking it."""
+    code = (
+        "import json; from tests.engine_apps import ray_probe; "
+        f"print(json.dumps(ray_probe({actions!r}, {timeout})))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Ray's loopback-only mode is checked on Linux")
+def test_ray_engine_listens_on_loopback_and_survives_a_hung_client() -> None:
+    seen = _ray_probe(["ok", "hang", "ok"], timeout=3.0)
+    assert seen["warm_up"] == ["ok", "ok", "ok"]
+    assert seen["listening"], "found no listening socket of the Ray processes"
+    for ip, process in seen["listening"]:
+        addr = ipaddress.ip_address(ip)
+        loopback = addr.is_loopback or (addr.version == 6 and (addr.ipv4_mapped or addr).is_loopback)
+        assert loopback, f"{process} listens on {ip}"
+    # The hung client's reply misses the round (Flower's round timeout); the others arrive, and the run
+    # ends: the subprocess returned (before, Flower's worker waited on the hung actor forever).
+    assert seen["round"][0] == "ok" and seen["round"][2] == "ok"
+    assert seen["round"][1] in ("missing", "client timed out after 3s")
+
+
+@pytest.mark.parametrize("address", [None, "auto", "ray://head:10001"])
+def test_ray_address_picks_a_private_local_ray_or_an_explicit_cluster(monkeypatch, address) -> None:
+    import flwr.simulation
+    from ray._private import ray_constants
+
+    from fedtail.config import FedtailConfig
+    from fedtail.registry import ENGINES
+
+    seen = {}
+
+    def fake_run_simulation(**kwargs) -> None:
+        seen["init_args"] = kwargs["backend_config"]["init_args"]
+        seen["cluster_mode"] = ray_constants.ENABLE_RAY_CLUSTER
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", fake_run_simulation)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # never joined implicitly
+    before = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    cfg = FedtailConfig.model_validate({"engine": {"name": "ray", "ray_address": address, "device": "cpu"}})
+    ENGINES.get("ray")(None, APP, cfg)
+    assert seen["init_args"]["address"] == (address or "local")
+    assert seen["init_args"]["include_dashboard"] is False
+    # Ray's loopback-only mode is on for the private Ray only, and restored afterwards.
+    assert seen["cluster_mode"] is (before[0] if address else False)
+    assert (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")) == before

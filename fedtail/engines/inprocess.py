@@ -86,6 +86,32 @@ class _ThreadWorker:
         self.jobs.put(None)
 
 
+class ThreadRunner:
+    """Runs ClientApp calls on one persistent daemon thread, each for at most ``timeout`` seconds and on
+    a copy of the node's Context. A call over the limit gets a timeout error reply; its thread is left to
+    finish (or not) on its own and a fresh one takes the next call."""
+
+    def __init__(self, ref: str, timeout: float | None) -> None:
+        self.ref = ref
+        self.timeout = timeout
+        self._worker: _ThreadWorker | None = None
+
+    def __call__(self, message: Message, context: Context) -> Result:
+        if self._worker is None:
+            self._worker = _ThreadWorker(self.ref)
+        self._worker.jobs.put((message, copy.deepcopy(context)))
+        try:
+            return self._worker.results.get(timeout=self.timeout)
+        except queue.Empty:
+            self.close()  # the thread ends if the hung call ever returns; its result goes nowhere
+            return timeout_reply(message, self.timeout), None
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+
 _READY = "ready"
 
 
@@ -165,7 +191,7 @@ class InProcessGrid(Grid):
             for i, node in enumerate(self.node_ids)
         }
         self._inbox: dict[str, Message] = {}
-        self._thread: _ThreadWorker | None = None
+        self._thread = ThreadRunner(client_app_ref, timeout)
         self._procs: list[_ProcessWorker] = []
 
     # ---- Grid interface -------------------------------------------------------------------------
@@ -208,7 +234,7 @@ class InProcessGrid(Grid):
         if self.workers > 1:
             results = self._run_in_processes(batch)
         else:
-            results = [self._run_in_thread(msg) for msg in batch]
+            results = [self._thread(msg, self._context_for(msg)) for msg in batch]
         for msg, (_, context) in zip(batch, results, strict=True):
             if context is not None:
                 self.contexts[msg.metadata.dst_node_id] = context
@@ -224,17 +250,6 @@ class InProcessGrid(Grid):
     # ---- running calls --------------------------------------------------------------------------
     def _context_for(self, msg: Message) -> Context:
         return self.contexts[msg.metadata.dst_node_id]
-
-    def _run_in_thread(self, msg: Message) -> Result:
-        if self._thread is None:
-            self._thread = _ThreadWorker(self.client_app_ref)
-        self._thread.jobs.put((msg, copy.deepcopy(self._context_for(msg))))
-        try:
-            return self._thread.results.get(timeout=self.timeout)
-        except queue.Empty:
-            self._thread.stop()  # it ends if the hung call ever returns; its result goes nowhere
-            self._thread = None
-            return timeout_reply(msg, self.timeout), None
 
     def _run_in_processes(self, batch: list[Message]) -> list[Result]:
         """Keep up to ``workers`` processes busy; a call's clock starts when a ready process receives it."""
@@ -291,9 +306,7 @@ class InProcessGrid(Grid):
         self._procs[self._procs.index(w)] = _ProcessWorker(self.client_app_ref)
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._thread.stop()
-            self._thread = None
+        self._thread.close()
         for w in self._procs:
             w.stop()
         self._procs = []
