@@ -308,7 +308,10 @@ class InProcessGrid(Grid):
     def close(self) -> None:
         self._thread.close()
         for w in self._procs:
-            w.stop()
+            if w.job is None:
+                w.stop()
+            else:
+                w.kill()  # busy (e.g. Ctrl-C mid-round): do not wait for its call
         self._procs = []
 
 
