@@ -150,3 +150,12 @@ def test_ray_address_picks_a_private_local_ray_or_an_explicit_cluster(monkeypatc
     # Ray's loopback-only mode is on for the private Ray only, and restored afterwards.
     assert seen["cluster_mode"] is (before[0] if address else False)
     assert (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")) == before
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_timeout_beyond_what_the_clock_can_wait_means_no_limit(workers: int) -> None:
+    grid = _grid(workers, timeout=float("inf"))  # engine.timeout accepts inf and 1e12
+    try:
+        assert not any(r.has_error() for r in _round(grid, ["ok", "ok", "ok"]))
+    finally:
+        grid.close()

@@ -45,6 +45,11 @@ def error_reply(message: Message, code: int, reason: str) -> Message:
     return reply
 
 
+def _finite(timeout: float | None) -> float | None:
+    """A limit the standard library can wait for (it overflows past ~292 years); beyond it: no limit."""
+    return None if timeout is None or timeout >= threading.TIMEOUT_MAX else timeout
+
+
 def timeout_reply(message: Message, timeout: float) -> Message:
     return error_reply(message, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, f"client timed out after {timeout:g}s")
 
@@ -93,7 +98,7 @@ class ThreadRunner:
 
     def __init__(self, ref: str, timeout: float | None) -> None:
         self.ref = ref
-        self.timeout = timeout
+        self.timeout = _finite(timeout)
         self._worker: _ThreadWorker | None = None
 
     def __call__(self, message: Message, context: Context) -> Result:
@@ -176,7 +181,7 @@ class InProcessGrid(Grid):
     ) -> None:
         self.client_app_ref = client_app_ref
         self.workers = workers
-        self.timeout = timeout
+        self.timeout = _finite(timeout)
         self.run_id = run_id
         self._run = None
         self.node_ids = [1000 + i for i in range(num_nodes)]
@@ -268,7 +273,8 @@ class InProcessGrid(Grid):
                         w.conn.send((msg, self._context_for(msg)))
             pending = [w for w in self._procs if w.job is not None or not w.ready]
             deadline = min(w.job[2] if w.job else w.started + start_limit for w in pending)
-            ready = wait([w.conn for w in pending], timeout=max(0.0, deadline - time.monotonic()))
+            left = None if deadline == float("inf") else max(0.0, deadline - time.monotonic())
+            ready = wait([w.conn for w in pending], timeout=left)
             for w in pending:
                 if w.conn in ready:
                     self._receive(w, results)
