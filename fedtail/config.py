@@ -272,7 +272,18 @@ class EngineConfig(_Section):
     threads_per_client: int = Field(1, ge=1, le=256, description="torch threads inside a ClientApp.")
     device: Annotated[Literal["auto", "cpu", "cuda"], AfterValidator(_check_device)] = "auto"
     timeout: float = Field(
-        3600.0, gt=0.0, le=30 * 86400, description="Seconds to wait for a round's replies."
+        3600.0,
+        gt=0.0,
+        le=30 * 86400,
+        description="Seconds before a client counts as failed. inprocess: the limit of each ClientApp call "
+        "(clients run one after another; a call over it is abandoned, its process killed with workers > 1); "
+        "ray: how long the server waits for a round's replies (Flower's round timeout).",
+    )
+    ray_address: str | None = Field(
+        None,
+        min_length=1,
+        description="ray: null = start a private local Ray listening on 127.0.0.1 only; an address "
+        "('auto', 'ray://head:10001') = join that running cluster instead.",
     )
     verbose: bool = Field(False, description="Show Flower's own INFO log lines (strategy banners, rounds).")
 

@@ -2,16 +2,29 @@
 
 The ServerApp talks to `InProcessGrid` exactly as to Flower's own grids (the Grid interface:
 ``create_message / get_node_ids / push_messages / pull_messages / send_and_receive``). Each node keeps its
-own `Context` (``context.state`` persists across rounds and tasks). With ``engine.workers > 1`` the
-messages of a round run in a pool of processes, each returning the reply and the updated Context.
+own `Context` (``context.state`` persists across rounds and tasks).
+
+Clients run one after another, so ``engine.timeout`` bounds each ClientApp *call* (not the round): a call
+that takes longer is abandoned and its node gets an error reply, and the round goes on with the others.
+With ``engine.workers == 1`` calls run on one persistent daemon thread (a hung call's thread is left
+behind and a fresh one takes over); with ``engine.workers > 1`` they run in spawned worker processes (a
+hung or crashed process is killed and replaced). Either way a call works on a copy of its node's Context,
+which replaces the node's Context only when the call returns a proper reply in time.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import contextlib
+import copy
 import multiprocessing as mp
+import queue
+import signal
+import threading
+import time
 import uuid
+from collections import deque
 from collections.abc import Iterable
+from multiprocessing.connection import Connection, wait
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
@@ -23,24 +36,152 @@ from fedtail.engines import load_client_app
 from fedtail.registry import ENGINES
 
 CLIENT_APP_ERROR = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+Result = tuple[Message, Context | None]  # the reply, and the node's new Context (None: keep the old one)
 
 
-def _process(ref: str, message: Message, context: Context) -> tuple[Message, Context]:
-    """Run one message through the ClientApp; an exception becomes an error reply, as in Flower."""
+def error_reply(message: Message, code: int, reason: str) -> Message:
+    reply = Message(Error(code=code, reason=reason), reply_to=message)
+    reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+    return reply
+
+
+def _finite(timeout: float | None) -> float | None:
+    """A limit the standard library can wait for (it overflows past ~292 years); beyond it: no limit."""
+    return None if timeout is None or timeout >= threading.TIMEOUT_MAX else timeout
+
+
+def timeout_reply(message: Message, timeout: float) -> Message:
+    return error_reply(message, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, f"client timed out after {timeout:g}s")
+
+
+def _process(ref: str, message: Message, context: Context) -> Result:
+    """Run one message through the ClientApp. Whatever the client does (raise, even SystemExit or
+    KeyboardInterrupt, or return something that is not a reply to ``message``) becomes an error reply,
+    as in Flower's engines; only a proper reply carries the updated Context back."""
     try:
-        reply = load_client_app(ref)(message, context)
+        app = load_client_app(ref)
     except Exception as ex:  # noqa: BLE001 - reported to the server like Flower's engines do
-        reply = Message(Error(code=CLIENT_APP_ERROR, reason=f"{type(ex).__name__}: {ex}"), reply_to=message)
+        return error_reply(message, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, f"{type(ex).__name__}: {ex}"), None
+    try:
+        reply = app(message, context)
+    except BaseException as ex:  # noqa: BLE001 - a client's exit or interrupt must not end the server
+        return error_reply(message, CLIENT_APP_ERROR, f"{type(ex).__name__}: {ex}"), None
+    if not isinstance(reply, Message) or reply.metadata.reply_to_message_id != message.metadata.message_id:
+        what = "a Message that is not a reply to it" if isinstance(reply, Message) else type(reply).__name__
+        reason = f"ClientApp returned {what}, not Message(reply_to=msg)"
+        return error_reply(message, CLIENT_APP_ERROR, reason), None
     reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
     return reply, context
 
 
-class InProcessGrid(Grid):
-    """Grid whose nodes are ClientApp calls in this process (or a process pool)."""
+class _ThreadWorker:
+    """A daemon thread that runs ClientApp calls from a queue (no thread per message). One whose call
+    hangs is abandoned: its results queue is dropped, so a late result is never applied."""
 
-    def __init__(self, client_app_ref: str, num_nodes: int, run_id: int = 1, workers: int = 1) -> None:
+    def __init__(self, ref: str) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.results: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, args=(ref,), name="fedtail-client", daemon=True).start()
+
+    def _loop(self, ref: str) -> None:
+        while (job := self.jobs.get()) is not None:
+            self.results.put(_process(ref, *job))
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+
+class ThreadRunner:
+    """Runs ClientApp calls on one persistent daemon thread, each for at most ``timeout`` seconds and on
+    a copy of the node's Context. A call over the limit gets a timeout error reply; its thread is left to
+    finish (or not) on its own and a fresh one takes the next call."""
+
+    def __init__(self, ref: str, timeout: float | None) -> None:
+        self.ref = ref
+        self.timeout = _finite(timeout)
+        self._worker: _ThreadWorker | None = None
+
+    def __call__(self, message: Message, context: Context) -> Result:
+        if self._worker is None:
+            self._worker = _ThreadWorker(self.ref)
+        self._worker.jobs.put((message, copy.deepcopy(context)))
+        try:
+            return self._worker.results.get(timeout=self.timeout)
+        except queue.Empty:
+            self.close()  # the thread ends if the hung call ever returns; its result goes nowhere
+            return timeout_reply(message, self.timeout), None
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+
+_READY = "ready"
+
+
+def _worker_main(conn: Connection, ref: str) -> None:
+    """Body of a worker process: answer jobs from the pipe until told to stop or the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it kills its workers
+    with contextlib.suppress(Exception):  # a failure to load is reported per message by _process
+        load_client_app(ref)
+    conn.send(_READY)
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        result = _process(ref, *job)
+        try:
+            conn.send(result)
+        except Exception as ex:  # noqa: BLE001 - e.g. a reply that cannot be pickled
+            conn.send((error_reply(job[0], CLIENT_APP_ERROR, f"reply not sendable: {ex}"), None))
+
+
+class _ProcessWorker:
+    """One spawned worker process and its pipe; ``job`` is (batch index, message, deadline) while busy."""
+
+    def __init__(self, ref: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(child, ref), name="fedtail-client", daemon=True)
+        self.process.start()
+        child.close()
+        self.started = time.monotonic()
+        self.ready = False
+        self.job: tuple[int, Message, float] | None = None
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.process.join(5)
+        self.kill()
+
+
+class InProcessGrid(Grid):
+    """Grid whose nodes are ClientApp calls in this process (or in worker processes).
+
+    ``timeout`` bounds each ClientApp call in seconds (None: no bound).
+    """
+
+    def __init__(
+        self,
+        client_app_ref: str,
+        num_nodes: int,
+        run_id: int = 1,
+        workers: int = 1,
+        timeout: float | None = None,
+    ) -> None:
         self.client_app_ref = client_app_ref
         self.workers = workers
+        self.timeout = _finite(timeout)
         self.run_id = run_id
         self._run = None
         self.node_ids = [1000 + i for i in range(num_nodes)]
@@ -55,7 +196,8 @@ class InProcessGrid(Grid):
             for i, node in enumerate(self.node_ids)
         }
         self._inbox: dict[str, Message] = {}
-        self._pool: cf.ProcessPoolExecutor | None = None
+        self._thread = ThreadRunner(client_app_ref, timeout)
+        self._procs: list[_ProcessWorker] = []
 
     # ---- Grid interface -------------------------------------------------------------------------
     def set_run(self, run) -> None:
@@ -94,34 +236,89 @@ class InProcessGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         batch = [self._inbox.pop(i) for i in list(message_ids) if i in self._inbox]
-        if self.workers > 1 and len(batch) > 1:
-            results = list(self._executor().map(_process, *zip(*[self._job(m) for m in batch], strict=True)))
+        if self.workers > 1:
+            results = self._run_in_processes(batch)
         else:
-            results = [_process(*self._job(m)) for m in batch]
-        replies = []
-        for reply, context in results:
-            self.contexts[context.node_id] = context
-            replies.append(reply)
-        return replies
+            results = [self._thread(msg, self._context_for(msg)) for msg in batch]
+        for msg, (_, context) in zip(batch, results, strict=True):
+            if context is not None:
+                self.contexts[msg.metadata.dst_node_id] = context
+        return [reply for reply, _ in results]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
+        """Every message gets a reply (an error reply if its call failed or exceeded ``self.timeout``);
+        the round-level ``timeout`` of Flower's strategies is not needed on top of that."""
         return self.pull_messages(self.push_messages(messages))
 
-    # ---- helpers --------------------------------------------------------------------------------
-    def _job(self, msg: Message) -> tuple[str, Message, Context]:
-        return self.client_app_ref, msg, self.contexts[msg.metadata.dst_node_id]
+    # ---- running calls --------------------------------------------------------------------------
+    def _context_for(self, msg: Message) -> Context:
+        return self.contexts[msg.metadata.dst_node_id]
 
-    def _executor(self) -> cf.ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
-        return self._pool
+    def _run_in_processes(self, batch: list[Message]) -> list[Result]:
+        """Keep up to ``workers`` processes busy; a call's clock starts when a ready process receives it."""
+        results: list[Result | None] = [None] * len(batch)
+        todo = deque(enumerate(batch))
+        while len(self._procs) < min(self.workers, len(batch)):
+            self._procs.append(_ProcessWorker(self.client_app_ref))
+        limit = float("inf") if self.timeout is None else self.timeout
+        start_limit = max(limit, 60.0) if self.timeout is not None else float("inf")
+        while todo or any(w.job is not None for w in self._procs):
+            for w in self._procs:
+                if w.ready and w.job is None and todo:
+                    i, msg = todo.popleft()
+                    w.job = (i, msg, time.monotonic() + limit)
+                    with contextlib.suppress(OSError):  # if the process died, wait() sees its pipe closed
+                        w.conn.send((msg, self._context_for(msg)))
+            pending = [w for w in self._procs if w.job is not None or not w.ready]
+            deadline = min(w.job[2] if w.job else w.started + start_limit for w in pending)
+            left = None if deadline == float("inf") else max(0.0, deadline - time.monotonic())
+            ready = wait([w.conn for w in pending], timeout=left)
+            for w in pending:
+                if w.conn in ready:
+                    self._receive(w, results)
+                elif w.job is not None and time.monotonic() >= w.job[2]:
+                    results[w.job[0]] = (timeout_reply(w.job[1], self.timeout), None)
+                    self._replace(w)
+                elif not w.ready and time.monotonic() >= w.started + start_limit:
+                    self._replace(w)
+                    raise RuntimeError(f"an engine.workers process did not start within {start_limit:g}s")
+        return results  # type: ignore[return-value]  (every index was filled above)
+
+    def _receive(self, w: _ProcessWorker, results: list[Result | None]) -> None:
+        try:
+            out = w.conn.recv()
+        except (EOFError, OSError):
+            w.process.join(1)
+            code = w.process.exitcode
+            if w.job is None:
+                self._replace(w)
+                raise RuntimeError(
+                    f"an engine.workers process exited while starting (exit code {code})"
+                ) from None
+            reason = f"client process exited (exit code {code}) while handling the message"
+            results[w.job[0]] = (error_reply(w.job[1], ErrorCode.CLIENT_APP_CRASHED, reason), None)
+            self._replace(w)
+            return
+        if out == _READY:
+            w.ready = True
+        elif w.job is not None:
+            results[w.job[0]] = out
+            w.job = None
+
+    def _replace(self, w: _ProcessWorker) -> None:
+        w.kill()
+        self._procs[self._procs.index(w)] = _ProcessWorker(self.client_app_ref)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        self._thread.close()
+        for w in self._procs:
+            if w.job is None:
+                w.stop()
+            else:
+                w.kill()  # busy (e.g. Ctrl-C mid-round): do not wait for its call
+        self._procs = []
 
 
 def set_server_identity(run_id: int = 1) -> None:
@@ -135,7 +332,9 @@ def set_server_identity(run_id: int = 1) -> None:
 
 @ENGINES.register("inprocess")
 def run_inprocess(server_app: ServerApp, client_app_ref: str, cfg: FedtailConfig) -> InProcessGrid:
-    grid = InProcessGrid(client_app_ref, cfg.federation.num_clients, workers=cfg.engine.workers)
+    grid = InProcessGrid(
+        client_app_ref, cfg.federation.num_clients, workers=cfg.engine.workers, timeout=cfg.engine.timeout
+    )
     set_server_identity(grid.run_id)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     try:

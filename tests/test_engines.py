@@ -1,0 +1,161 @@
+"""Engines under misbehaving clients: a hung, crashing or exiting ClientApp costs its node an error
+reply, never the round; and a local Ray listens on loopback only."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
+
+from fedtail.engines.inprocess import InProcessGrid, set_server_identity
+from tests.engine_apps import HANG_SECONDS, calls
+
+APP = "tests.engine_apps:app"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _grid(workers: int, timeout: float | None = 3.0) -> InProcessGrid:
+    set_server_identity()
+    return InProcessGrid(APP, num_nodes=3, workers=workers, timeout=timeout)
+
+
+def _round(grid: InProcessGrid, actions: list[str]) -> list[Message]:
+    messages = [
+        Message(RecordDict({"cfg": ConfigRecord({"action": a})}), dst_node_id=node, message_type="train")
+        for node, a in zip(grid.node_ids, actions, strict=True)
+    ]
+    replies = list(grid.send_and_receive(messages))
+    assert [r.metadata.src_node_id for r in replies] == grid.node_ids
+    return replies
+
+
+def _calls(grid: InProcessGrid) -> list[int]:
+    return [calls(grid.contexts[node]) for node in grid.node_ids]
+
+
+def _error(reply: Message) -> tuple[int, str]:
+    assert reply.has_error()
+    return reply.error.code, reply.error.reason
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_hung_client_is_abandoned_after_timeout(workers: int) -> None:
+    grid = _grid(workers)
+    try:
+        start = time.monotonic()
+        replies = _round(grid, ["ok", "hang", "ok"])
+        assert time.monotonic() - start < HANG_SECONDS / 4  # bounded: the round did not wait for the hang
+        assert not replies[0].has_error() and not replies[2].has_error()
+        assert _error(replies[1]) == (ErrorCode.REPLY_MESSAGE_UNAVAILABLE, "client timed out after 3s")
+        assert _calls(grid) == [1, 0, 1]  # the hung call's (in-place) Context update was never applied
+        replies = _round(grid, ["ok", "ok", "ok"])  # a fresh worker serves the next round
+        assert not any(r.has_error() for r in replies)
+        assert _calls(grid) == [2, 1, 2]
+    finally:
+        grid.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_misbehaving_clients_get_error_replies(workers: int) -> None:
+    grid = _grid(workers)
+    try:
+        replies = _round(grid, ["raise", "sys_exit", "interrupt"])
+        reasons = [_error(r) for r in replies]
+        assert reasons == [
+            (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: client bug"),
+            (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "SystemExit: 3"),
+            (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "KeyboardInterrupt: "),
+        ]
+        replies = _round(grid, ["garbage", "none", "ok"])
+        assert "returned dict, not Message" in _error(replies[0])[1]
+        assert "returned NoneType, not Message" in _error(replies[1])[1]
+        assert not replies[2].has_error()
+        assert _calls(grid) == [0, 0, 1]  # failed calls leave the node's Context as it was
+    finally:
+        grid.close()
+
+
+def test_worker_process_that_exits_is_replaced() -> None:
+    grid = _grid(workers=2)
+    try:
+        replies = _round(grid, ["ok", "os_exit", "ok"])
+        code, reason = _error(replies[1])
+        assert code == ErrorCode.CLIENT_APP_CRASHED and "exit code 3" in reason
+        assert not replies[0].has_error() and not replies[2].has_error()
+        replies = _round(grid, ["ok", "ok", "ok"])
+        assert not any(r.has_error() for r in replies)
+        assert len({int(r.content["metrics"]["pid"]) for r in replies}) >= 1
+    finally:
+        grid.close()
+
+
+def _ray_probe(actions: list[str], timeout: float) -> dict:
+    """`tests.engine_apps.ray_probe` in a subprocess, so that a hang fails the test instead of blocking it."""
+    code = (
+        "import json; from tests.engine_apps import ray_probe; "
+        f"print(json.dumps(ray_probe({actions!r}, {timeout})))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Ray's loopback-only mode is checked on Linux")
+def test_ray_engine_listens_on_loopback_and_survives_a_hung_client() -> None:
+    seen = _ray_probe(["ok", "hang", "ok"], timeout=3.0)
+    assert seen["warm_up"] == ["ok", "ok", "ok"]
+    assert seen["listening"], "found no listening socket of the Ray processes"
+    for ip, process in seen["listening"]:
+        addr = ipaddress.ip_address(ip)
+        loopback = addr.is_loopback or (addr.version == 6 and (addr.ipv4_mapped or addr).is_loopback)
+        assert loopback, f"{process} listens on {ip}"
+    # The hung client's reply misses the round (Flower's round timeout); the others arrive, and the run
+    # ends: the subprocess returned (before, Flower's worker waited on the hung actor forever).
+    assert seen["round"][0] == "ok" and seen["round"][2] == "ok"
+    assert seen["round"][1] in ("missing", "client timed out after 3s")
+
+
+@pytest.mark.parametrize("address", [None, "auto", "ray://head:10001"])
+def test_ray_address_picks_a_private_local_ray_or_an_explicit_cluster(monkeypatch, address) -> None:
+    import flwr.simulation
+    from ray._private import ray_constants
+
+    from fedtail.config import FedtailConfig
+    from fedtail.registry import ENGINES
+
+    seen = {}
+
+    def fake_run_simulation(**kwargs) -> None:
+        seen["init_args"] = kwargs["backend_config"]["init_args"]
+        seen["cluster_mode"] = ray_constants.ENABLE_RAY_CLUSTER
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", fake_run_simulation)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # never joined implicitly
+    before = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    cfg = FedtailConfig.model_validate({"engine": {"name": "ray", "ray_address": address, "device": "cpu"}})
+    ENGINES.get("ray")(None, APP, cfg)
+    assert seen["init_args"]["address"] == (address or "local")
+    assert seen["init_args"]["include_dashboard"] is False
+    # Ray's loopback-only mode is on for the private Ray only, and restored afterwards.
+    assert seen["cluster_mode"] is (before[0] if address else False)
+    assert (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")) == before
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_timeout_beyond_what_the_clock_can_wait_means_no_limit(workers: int) -> None:
+    grid = _grid(workers, timeout=float("inf"))  # engine.timeout accepts inf and 1e12
+    try:
+        assert not any(r.has_error() for r in _round(grid, ["ok", "ok", "ok"]))
+    finally:
+        grid.close()
