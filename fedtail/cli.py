@@ -109,10 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     from fedtail import pipeline
 
     if args.command == "run":
+        from fedtail.prefect_server import temporary_server
         from flows.pipeline import fl_pipeline
 
+        if not args.run_id:
+            args.run_id = pipeline.new_run_dir(cfg, root).name
         log.setLevel(logging.WARNING)  # the flow's run logger prints the per-round progress
-        run_dir = fl_pipeline(config_path=args.config, overrides=_overrides(args), root=str(root))
+        try:
+            with temporary_server():
+                run_dir = fl_pipeline(config_path=args.config, overrides=_overrides(args), root=str(root))
+        except KeyboardInterrupt:
+            print(f"\nfedtail: interrupted; resume with: fedtail run --resume {args.run_id}", file=sys.stderr)
+            return 130
         print(f"report: {Path(run_dir) / 'report.md'}")
     elif args.command == "serve":
         from flows.serve import serve

@@ -1,0 +1,100 @@
+"""Stopping `fedtail run` for real: Ctrl-C in a terminal (SIGINT to the whole process group) and kill -9.
+
+Each test starts `python -m fedtail.cli run` in its own session, as a terminal's foreground job, on a run
+long enough to be interrupted mid-way, and waits for the first checkpoint before signalling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+
+
+@dataclass
+class Run:
+    proc: subprocess.Popen
+    run_dir: Path
+    children: list[psutil.Process]  # taken before any signal: the temporary server among them
+    log: Path
+
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process groups and parent-death signal")
+
+
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+@pytest.fixture
+def long_run(project: Path, tmp_path: Path, prefect_home: Path) -> Iterator[Run]:
+    """A `fedtail run` of thousands of rounds, past its first checkpoint."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # temporary server
+    env |= {"PYTHONPATH": str(REPO), "PREFECT_HOME": str(prefect_home)}
+    cmd = [sys.executable, "-m", "fedtail.cli", "run", "--config", SMOKE, "--root", str(project)]
+    for override in (
+        f"output.data_dir={project / 'data'}",
+        f"output.artifacts_dir={tmp_path / 'artifacts'}",
+        f"output.runs_dir={tmp_path / 'runs'}",
+        "federation.rounds_per_task=5000",
+    ):
+        cmd += ["--set", override]
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    family: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "runs").glob("*/checkpoint")):
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert any("uvicorn" in " ".join(p.cmdline()) for p in family), "no temporary Prefect server?"
+        yield Run(proc, next((tmp_path / "runs").glob("*/checkpoint")).parent, family, tmp_path / "run.log")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        proc.wait(10)
+        log.close()
+
+
+def _alive(procs: list[psutil.Process], timeout: float) -> list[str]:
+    """Command lines of the processes still running after waiting up to ``timeout`` for them to go."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return [" ".join(p.cmdline()[:4]) for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_ctrl_c_stops_quickly_leaves_a_checkpoint_and_says_how_to_resume(long_run: Run) -> None:
+    os.killpg(long_run.proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C
+    try:
+        rc = long_run.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("fedtail run did not stop within 20 s of Ctrl-C")
+    output = long_run.log.read_text()
+    assert rc == 130, output[-3000:]
+    assert f"fedtail run --resume {long_run.run_dir.name}" in output
+    assert "Connection refused" not in output and "ConnectError" not in output, output[-3000:]
+    assert (long_run.run_dir / "checkpoint").is_dir() and not (long_run.run_dir / "metrics.json").exists()
+    assert _alive(long_run.children, timeout=5) == []
+
+
+def test_kill_9_takes_the_temporary_prefect_server_with_it(long_run: Run) -> None:
+    long_run.proc.kill()
+    long_run.proc.wait(10)
+    assert _alive(long_run.children, timeout=10) == []
