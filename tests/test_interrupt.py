@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,47 +40,63 @@ def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def long_run(project: Path, tmp_path: Path, prefect_home: Path) -> Iterator[Run]:
-    """A `fedtail run` of thousands of rounds, past its first checkpoint."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # temporary server
-    env |= {"PYTHONPATH": str(REPO), "PREFECT_HOME": str(prefect_home)}
-    cmd = [sys.executable, "-m", "fedtail.cli", "run", "--config", SMOKE, "--root", str(project)]
-    for override in (
-        f"output.data_dir={project / 'data'}",
-        f"output.artifacts_dir={tmp_path / 'artifacts'}",
-        f"output.runs_dir={tmp_path / 'runs'}",
-        "federation.rounds_per_task=5000",
-    ):
-        cmd += ["--set", override]
+def start_run(project: Path, tmp_path: Path, prefect_home: Path) -> Iterator[Callable[..., Run]]:
+    """Starts a `fedtail run` of thousands of rounds and returns once it is past its first checkpoint."""
+    started: list[tuple[subprocess.Popen, list[psutil.Process]]] = []
     log = (tmp_path / "run.log").open("w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    family: list[psutil.Process] = []
-    try:
+
+    def start(*overrides: str) -> Run:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # temporary server
+        env |= {"PYTHONPATH": str(REPO), "PREFECT_HOME": str(prefect_home)}
+        cmd = [sys.executable, "-m", "fedtail.cli", "run", "--config", SMOKE, "--root", str(project)]
+        for override in (
+            f"output.data_dir={project / 'data'}",
+            f"output.artifacts_dir={tmp_path / 'artifacts'}",
+            f"output.runs_dir={tmp_path / 'runs'}",
+            "federation.rounds_per_task=5000",
+            *overrides,
+        ):
+            cmd += ["--set", override]
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append((proc, []))
         deadline = time.monotonic() + 240
         while not list((tmp_path / "runs").glob("*/checkpoint")):
             assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.2)
-        family = psutil.Process(proc.pid).children(recursive=True)
-        assert any("uvicorn" in " ".join(p.cmdline()) for p in family), "no temporary Prefect server?"
-        yield Run(proc, next((tmp_path / "runs").glob("*/checkpoint")).parent, family, tmp_path / "run.log")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in family:
-            with contextlib.suppress(psutil.NoSuchProcess):
+        children = psutil.Process(proc.pid).children(recursive=True)
+        started[-1] = (proc, children)
+        assert any("uvicorn" in _cmdline(p) for p in children), "no temporary Prefect server?"
+        run_dir = next((tmp_path / "runs").glob("*/checkpoint")).parent
+        return Run(proc, run_dir, children, tmp_path / "run.log")
+
+    yield start
+    for proc, children in started:
+        for p in [proc, *children]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
                 p.kill()
         proc.wait(10)
-        log.close()
+    log.close()
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline()[:4])
+    except psutil.Error:  # gone meanwhile
+        return ""
 
 
 def _alive(procs: list[psutil.Process], timeout: float) -> list[str]:
     """Command lines of the processes still running after waiting up to ``timeout`` for them to go."""
     _, alive = psutil.wait_procs(procs, timeout=timeout)
-    return [" ".join(p.cmdline()[:4]) for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    return [_cmdline(p) for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_ctrl_c_stops_quickly_leaves_a_checkpoint_and_says_how_to_resume(long_run: Run) -> None:
+@pytest.mark.parametrize("engine", ["inprocess", "ray"])
+def test_ctrl_c_stops_quickly_leaves_a_checkpoint_and_says_how_to_resume(
+    start_run: Callable[..., Run], engine: str
+) -> None:
+    long_run = start_run(f"engine.name={engine}")
     os.killpg(long_run.proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C
     try:
         rc = long_run.proc.wait(20)
@@ -94,7 +110,8 @@ def test_ctrl_c_stops_quickly_leaves_a_checkpoint_and_says_how_to_resume(long_ru
     assert _alive(long_run.children, timeout=5) == []
 
 
-def test_kill_9_takes_the_temporary_prefect_server_with_it(long_run: Run) -> None:
+def test_kill_9_takes_the_temporary_prefect_server_with_it(start_run: Callable[..., Run]) -> None:
+    long_run = start_run()
     long_run.proc.kill()
     long_run.proc.wait(10)
     assert _alive(long_run.children, timeout=10) == []
