@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             with temporary_server():
                 run_dir = fl_pipeline(config_path=args.config, overrides=_overrides(args), root=str(root))
         except KeyboardInterrupt:
-            print(f"\nfedtail: interrupted; resume with: fedtail run --resume {args.run_id}", file=sys.stderr)
+            started = (io.under(root, cfg.output.runs_dir) / args.run_id / "config.yaml").is_file()
+            hint = f"resume with: fedtail run --resume {args.run_id}" if started else "nothing to resume yet"
+            print(f"\nfedtail: interrupted; {hint}", file=sys.stderr)
             return 130
         print(f"report: {Path(run_dir) / 'report.md'}")
     elif args.command == "serve":

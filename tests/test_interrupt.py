@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -115,3 +116,23 @@ def test_kill_9_takes_the_temporary_prefect_server_with_it(start_run: Callable[.
     long_run.proc.kill()
     long_run.proc.wait(10)
     assert _alive(long_run.children, timeout=10) == []
+
+
+def test_ctrl_c_before_the_run_folder_exists_offers_no_resume(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import flows.pipeline
+    from fedtail.cli import main
+
+    def interrupted(**_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.pipeline, "fl_pipeline", interrupted)
+    args = ["run", "--config", SMOKE, "--set", f"output.runs_dir={tmp_path}", "--run-id", "x"]
+    try:
+        with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # no temporary server
+            rc = main(args)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped `fedtail run`")
+    assert rc == 130
+    assert "interrupted; nothing to resume yet" in capsys.readouterr().err
