@@ -5,8 +5,11 @@ command per DVC stage. Every command takes ``--config`` (YAML, default ``params.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedtail import io, runs
@@ -170,20 +173,43 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler, a container stop) stops a run the way Ctrl-C does: checkpoint kept,
+    the flow run marked, the temporary server stopped, the resume command printed."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _dispatch(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
     from fedtail import pipeline
 
     if args.command == "run":
+        from fedtail.prefect_server import temporary_server
         from flows.pipeline import fl_pipeline
 
         log.setLevel(logging.WARNING)  # the flow's run logger prints the per-round progress
-        run_dir = fl_pipeline(
-            config_path=args.config,
-            overrides=_overrides(args),
-            root=str(root),
-            resume=bool(args.resume),
-            overwrite=args.overwrite,
-        )
+        try:
+            with _sigterm_interrupts(), temporary_server():
+                run_dir = fl_pipeline(
+                    config_path=args.config,
+                    overrides=_overrides(args),
+                    root=str(root),
+                    resume=bool(args.resume),
+                    overwrite=args.overwrite,
+                )
+        except KeyboardInterrupt:
+            started = (io.under(root, cfg.output.runs_dir) / args.run_id / "config.yaml").is_file()
+            hint = f"resume with: fedtail run --resume {args.run_id}" if started else "nothing to resume yet"
+            print(f"\nfedtail: interrupted; {hint}", file=sys.stderr)
+            return 130
         print(f"report: {Path(run_dir) / 'report.md'}")
     elif args.command == "serve":
         from flows.serve import serve

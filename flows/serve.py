@@ -36,5 +36,9 @@ def build_deployment(
 
 
 def serve(config_path: str = "params.yaml", overrides: dict[str, Any] | None = None, root: str = ".") -> None:
-    """Block, running the pipeline on schedule; stopping leaves the schedules active."""
-    prefect_serve(build_deployment(config_path, overrides, root), pause_on_shutdown=False)
+    """Block, running the pipeline on schedule.
+
+    Stopping (Ctrl-C, SIGTERM) pauses the schedules, so no pile of Late runs waits for the next start;
+    starting again registers the deployment unpaused, which resumes them.
+    """
+    prefect_serve(build_deployment(config_path, overrides, root), pause_on_shutdown=True)

@@ -21,11 +21,13 @@ import contextlib
 import ipaddress
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
+from flwr.serverapp import Grid, ServerApp
 
 from fedtail.config import FedtailConfig
 from fedtail.engines.inprocess import ThreadRunner
@@ -102,13 +104,44 @@ def run_ray(server_app: ServerApp, client_app_ref: str, cfg: FedtailConfig) -> N
         # "local" always starts a new Ray, even if RAY_ADDRESS is exported: joining a cluster is explicit.
         "address": address or "local",
     }
+    stop = threading.Event()
     with loopback_ray() if address is None else contextlib.nullcontext():
-        run_simulation(
-            server_app=server_app,
-            client_app=TimedClientApp(client_app_ref, cfg.engine.timeout),
-            num_supernodes=cfg.federation.num_clients,
-            backend_config={
-                "client_resources": {"num_cpus": cfg.engine.cpus_per_client, "num_gpus": gpus},
-                "init_args": init_args,
-            },
-        )
+        try:
+            run_simulation(
+                server_app=_stoppable(server_app, stop),
+                client_app=TimedClientApp(client_app_ref, cfg.engine.timeout),
+                num_supernodes=cfg.federation.num_clients,
+                backend_config={
+                    "client_resources": {"num_cpus": cfg.engine.cpus_per_client, "num_gpus": gpus},
+                    "init_args": init_args,
+                },
+            )
+        except BaseException:  # Ctrl-C above all: the ServerApp thread must not outlive the simulation
+            stop.set()
+            raise
+
+
+def _stoppable(server_app: ServerApp, stop: threading.Event) -> ServerApp:
+    """``server_app`` that gives up at its next grid call once ``stop`` is set.
+
+    Flower runs the ServerApp in a non-daemon thread. When Ctrl-C ends the simulation in the main thread,
+    that thread keeps waiting for replies from the dead Ray actors (up to ``engine.timeout``) and the
+    process cannot exit until it returns.
+    """
+    app = ServerApp()
+
+    def checked(call: Callable[..., Any]) -> Callable[..., Any]:
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if stop.is_set():
+                raise RuntimeError("simulation interrupted")
+            return call(*args, **kwargs)
+
+        return guarded
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        grid.push_messages = checked(grid.push_messages)  # type: ignore[method-assign]
+        grid.pull_messages = checked(grid.pull_messages)  # type: ignore[method-assign]
+        server_app(grid, context)
+
+    return app

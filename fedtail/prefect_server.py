@@ -1,0 +1,135 @@
+"""The temporary Prefect server of a ``fedtail run``, kept out of the terminal's reach and tied to fedtail.
+
+Without ``PREFECT_API_URL`` Prefect starts a temporary server (``python -m uvicorn``) in fedtail's own
+process group. A terminal's Ctrl-C reaches that group, so the server died first and the interrupted run
+spent minutes printing ``Connection refused``; after ``kill -9`` of fedtail the server kept running.
+Here fedtail starts that server itself: in a new session (no terminal signals) with the Linux parent-death
+signal set (it gets SIGTERM when fedtail dies, however fedtail dies), and stops it after the flow.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import prefect
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    get_current_settings,
+    temporary_settings,
+)
+
+from prefect.server.api.server import SubprocessASGIServer  # isort: skip (after the settings)
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> Any:
+    """A ``preexec_fn``: SIGTERM this child when ``parent`` dies (Linux), even by ``kill -9``."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+class DetachedServer(SubprocessASGIServer):
+    """Prefect's temporary server, started in its own session and bound to 127.0.0.1 only."""
+
+    _instances: dict[int | None, SubprocessASGIServer] = {}  # apart from Prefect's own registry
+
+    def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+        # The same command and environment as SubprocessASGIServer._run_uvicorn_command in prefect 3.7.7.
+        server_env = {
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+        }
+        return subprocess.Popen(
+            args=[
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(prefect.__module_path__.parent),
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env={
+                **os.environ,
+                **server_env,
+                **get_current_settings().to_environment_variables(exclude_unset=True),
+            },
+            start_new_session=True,  # a terminal's Ctrl-C goes to fedtail, which then stops the server
+            preexec_fn=_die_with_parent(os.getpid()),
+        )
+
+
+def _drain_prefect_workers() -> None:
+    """Send the queued logs and events before the server goes (as prefect_test_harness does)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        try:
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        except RuntimeError:  # never started
+            pass
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())
+
+
+@contextmanager
+def temporary_server() -> Iterator[str | None]:
+    """Run the block against a detached temporary server; yields its API URL (None if one is configured).
+
+    With ``PREFECT_API_URL`` set, or ephemeral mode off, Prefect's own settings decide and nothing starts.
+    The server is registered as Prefect's default temporary server, so every part of Prefect that would
+    start one (clients, log and event workers, in any thread) uses this one instead.
+    """
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+        yield None
+        return
+    server = DetachedServer()
+    prior = SubprocessASGIServer._instances.get(None)
+    SubprocessASGIServer._instances[None] = server
+    try:
+        server.start(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            try:
+                yield server.api_url
+            finally:
+                _drain_prefect_workers()
+    finally:
+        server.stop()
+        if prior is not None:
+            SubprocessASGIServer._instances[None] = prior
+        else:
+            SubprocessASGIServer._instances.pop(None, None)

@@ -1,0 +1,144 @@
+"""Stopping `fedtail run` for real: Ctrl-C in a terminal (SIGINT to the whole process group) and kill -9.
+
+Each test starts `python -m fedtail.cli run` in its own session, as a terminal's foreground job, on a run
+long enough to be interrupted mid-way, and waits for the first checkpoint before signalling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+
+
+@dataclass
+class Run:
+    proc: subprocess.Popen
+    run_dir: Path
+    children: list[psutil.Process]  # taken before any signal: the temporary server among them
+    log: Path
+
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process groups and parent-death signal")
+
+
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+@pytest.fixture
+def start_run(project: Path, tmp_path: Path, prefect_home: Path) -> Iterator[Callable[..., Run]]:
+    """Starts a `fedtail run` of thousands of rounds and returns once it is past its first checkpoint."""
+    started: list[tuple[subprocess.Popen, list[psutil.Process]]] = []
+    log = (tmp_path / "run.log").open("w")
+
+    def start(*overrides: str) -> Run:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # temporary server
+        env |= {"PYTHONPATH": str(REPO), "PREFECT_HOME": str(prefect_home)}
+        cmd = [sys.executable, "-m", "fedtail.cli", "run", "--config", SMOKE, "--root", str(project)]
+        for override in (
+            f"output.data_dir={project / 'data'}",
+            f"output.artifacts_dir={tmp_path / 'artifacts'}",
+            f"output.runs_dir={tmp_path / 'runs'}",
+            "federation.rounds_per_task=5000",
+            *overrides,
+        ):
+            cmd += ["--set", override]
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append((proc, []))
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "runs").glob("*/checkpoint.pt")):
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        started[-1] = (proc, children)
+        assert any("uvicorn" in _cmdline(p) for p in children), "no temporary Prefect server?"
+        run_dir = next((tmp_path / "runs").glob("*/checkpoint.pt")).parent
+        return Run(proc, run_dir, children, tmp_path / "run.log")
+
+    yield start
+    for proc, children in started:
+        for p in [proc, *children]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                p.kill()
+        proc.wait(10)
+    log.close()
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline()[:4])
+    except psutil.Error:  # gone meanwhile
+        return ""
+
+
+def _alive(procs: list[psutil.Process], timeout: float) -> list[str]:
+    """Command lines of the processes still running after waiting up to ``timeout`` for them to go."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return [_cmdline(p) for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize(
+    ("engine", "how"),
+    [("inprocess", "ctrl-c"), ("ray", "ctrl-c"), ("inprocess", "sigterm")],
+)
+def test_ctrl_c_stops_quickly_leaves_a_checkpoint_and_says_how_to_resume(
+    start_run: Callable[..., Run], engine: str, how: str
+) -> None:
+    long_run = start_run(f"engine.name={engine}")
+    if how == "ctrl-c":
+        os.killpg(long_run.proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C
+    else:
+        long_run.proc.terminate()  # `kill PID`, a scheduler or container stop: the main process only
+    try:
+        rc = long_run.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("fedtail run did not stop within 20 s of Ctrl-C")
+    output = long_run.log.read_text()
+    assert rc == 130, output[-3000:]
+    assert f"fedtail run --resume {long_run.run_dir.name}" in output
+    assert "Connection refused" not in output and "ConnectError" not in output, output[-3000:]
+    assert (long_run.run_dir / "checkpoint.pt").is_file() and not (long_run.run_dir / "metrics.json").exists()
+    assert _alive(long_run.children, timeout=5) == []
+
+
+def test_kill_9_takes_the_temporary_prefect_server_with_it(start_run: Callable[..., Run]) -> None:
+    long_run = start_run()
+    long_run.proc.kill()
+    long_run.proc.wait(10)
+    assert _alive(long_run.children, timeout=10) == []
+
+
+def test_ctrl_c_before_the_run_folder_exists_offers_no_resume(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import flows.pipeline
+    from fedtail.cli import main
+
+    def interrupted(**_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.pipeline, "fl_pipeline", interrupted)
+    args = ["run", "--config", SMOKE, "--set", f"output.runs_dir={tmp_path}", "--run-id", "x"]
+    try:
+        with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # no temporary server
+            rc = main(args)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped `fedtail run`")
+    assert rc == 130
+    assert "interrupted; nothing to resume yet" in capsys.readouterr().err
