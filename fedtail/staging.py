@@ -216,10 +216,17 @@ def _fetch(repo: Repo, outs: list[Output]) -> None:
     need = [o for o in outs if o.changed_cache()]
     if not need or not _has_remote(repo):
         return
+    # A miss is expected (a fresh clone's remote is empty) and handled by the caller, who regenerates and
+    # verifies or says what to do; DVC's own warning listing the missing md5s would only alarm.
+    fetch_log = logging.getLogger("dvc_data.index.fetch")
+    level = fetch_log.level
+    fetch_log.setLevel(logging.ERROR)
     try:
         repo.fetch(targets=[o.fs_path for o in need])
     except DvcException as err:
         log.warning("dvc fetch failed: %s", err)
+    finally:
+        fetch_log.setLevel(level)
 
 
 # ---- raw data --------------------------------------------------------------------------------------
