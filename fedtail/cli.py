@@ -21,7 +21,7 @@ from fedtail.config import (
     load_config,
     parse_override,
 )
-from fedtail.staging import DataIntegrityError
+from fedtail.staging import DataIntegrityError, check_versioned
 
 log = logging.getLogger("fedtail")
 
@@ -160,9 +160,14 @@ def main(argv: list[str] | None = None) -> int:
                 args.run_id = runs.new_run_id(cfg)  # known up front, so an interrupted run can say its id
                 cfg = _config(args)
             pipeline.check_run_target(cfg, pipeline.new_run_dir(cfg, root), _mode(args))
+        if args.command in ("run", "serve", "stage", "partition", "simulate"):
+            check_versioned(cfg, root)
     except ConfigError as err:
         print(f"fedtail: {err}", file=sys.stderr)
         return 2
+    except DataIntegrityError as err:
+        print(f"fedtail: {err}", file=sys.stderr)
+        return 1
     try:
         return _dispatch(args, cfg, root)
     except ConfigError as err:  # run folders and checkpoints found unusable once work began

@@ -308,19 +308,27 @@ def _mismatch(repo: Repo, cfg: FedtailConfig, root: Path, dvc_file: Path, bad: l
     return "\n".join(lines)
 
 
+def check_versioned(cfg: FedtailConfig, root: Path = Path(".")) -> None:
+    """Refuse, before any work, a dataset variant that ``data.dvc`` does not record (a YAML read, no DVC)."""
+    root = Path(root)
+    dvc_file, files = _variant_files(cfg, root)
+    recorded = _recorded(dvc_file)
+    unversioned = [p for p in files if p not in recorded]
+    if unversioned:
+        rel = os.path.relpath(dvc_file, root)
+        raise DataIntegrityError(
+            f"dataset {cfg.dataset.name!r} with this config is not versioned in {rel} (no entry for "
+            f"{', '.join(unversioned)}). Running never changes the recorded data; to version it, run "
+            f"`{_data_add_command(cfg)}` and commit {rel}."
+        )
+
+
 def _ensure_raw(cfg: FedtailConfig, root: Path) -> Path:
     spec = DATASETS.get(cfg.dataset.name)
     dvc_file, files = _variant_files(cfg, root)
     raw = _data_dir(cfg, root) / spec.name
     rel = os.path.relpath(dvc_file, root)
-    recorded = _recorded(dvc_file)
-    unversioned = [p for p in files if p not in recorded]
-    if unversioned:
-        raise DataIntegrityError(
-            f"dataset {spec.name!r} with this config is not versioned in {rel} (no entry for "
-            f"{', '.join(unversioned)}). Running never changes the recorded data; to version it, run "
-            f"`{_data_add_command(cfg)}` and commit {rel}."
-        )
+    check_versioned(cfg, root)
     with _open_repo(root) as repo:
         outs = _outs(repo, dvc_file, files)
         bad = [o for o in outs if o.exists and o.changed_checksum()]

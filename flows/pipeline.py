@@ -32,7 +32,7 @@ from fedtail import pipeline, runs
 from fedtail.config import FedtailConfig, check_paths, load_config
 from fedtail.partition import partition_problems
 from fedtail.report import rounds_table, summary_markdown
-from fedtail.staging import ensure_raw, staged_problems
+from fedtail.staging import check_versioned, ensure_raw, staged_problems
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ def fl_pipeline(
     check_paths(cfg, root_dir)
     run_dir = pipeline.new_run_dir(cfg, root_dir)
     pipeline.check_run_target(cfg, run_dir, mode)
+    check_versioned(cfg, root_dir)
     verify_data_task(cfg, root_dir)
     staged = stage_task(cfg, root_dir)
     parts = partition_task(cfg, staged, root_dir)

@@ -101,15 +101,17 @@ def test_output_folder_that_is_a_file_fails_before_work(
     assert not any((tmp_path / "artifacts").iterdir())  # nothing staged
 
 
+@pytest.mark.parametrize("command", ["stage", "run"])
 def test_unversioned_dataset_is_refused_naming_the_command(
-    project: Path, capsys: pytest.CaptureFixture[str]
+    project: Path, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
+    """Refused before any work: `run` starts no Prefect server or flow for it (nothing prints but the error)."""
     dvc_file = (project / "data.dvc").read_bytes()
     code = main(
-        ["stage", *_args(project, "--set", "dataset.name=mnist1d", "--set", "dataset.num_samples=100")]
+        [command, *_args(project, "--set", "dataset.name=mnist1d", "--set", "dataset.num_samples=100")]
     )
     assert code == 1
-    err = capsys.readouterr().err
-    assert err.startswith("fedtail: ") and "Traceback" not in err
+    out, err = capsys.readouterr()
+    assert err.startswith("fedtail: ") and "Traceback" not in err and "Flow run" not in out + err
     assert "`fedtail data add mnist1d --set dataset.num_samples=100`" in err
     assert (project / "data.dvc").read_bytes() == dvc_file, "running must never change data.dvc"
