@@ -105,7 +105,7 @@ def test_output_folder_that_is_a_file_fails_before_work(
 def test_unversioned_dataset_is_refused_naming_the_command(
     project: Path, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
-    """Refused before any work: `run` starts no Prefect server or flow for it (nothing prints but the error)."""
+    """Refused before any work: `run` starts no Prefect server or flow (nothing prints but the error)."""
     dvc_file = (project / "data.dvc").read_bytes()
     code = main(
         [command, *_args(project, "--set", "dataset.name=mnist1d", "--set", "dataset.num_samples=100")]
