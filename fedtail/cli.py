@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -232,10 +233,10 @@ def _dispatch(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
     elif args.command == "report":
         print(pipeline.report(pipeline.new_run_dir(cfg, root)))
     elif args.command == "data":
-        from fedtail.staging import add_data
+        from fedtail.staging import add_data, dvc_file_of
 
         paths, changed = add_data(cfg, root)
-        dvc_file = Path(cfg.output.data_dir).with_suffix(".dvc").name
+        dvc_file = os.path.relpath(dvc_file_of(cfg, root), root)
         if changed:
             print(f"recorded {cfg.dataset.name} ({', '.join(paths)}) in {dvc_file}; commit it:")
             print(f"  git add {dvc_file} .gitignore && git commit -m 'data: version {cfg.dataset.name}'")

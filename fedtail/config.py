@@ -626,13 +626,18 @@ def check_paths(cfg: FedtailConfig, root: str | Path = ".") -> None:
         problem = _folder_problem(under(root, value))
         if problem:
             problems.append(f"output.{field}={value!r}: {problem}")
-    data_dir = under(root, cfg.output.data_dir)
-    if not problems and data_dir.resolve() == root.resolve():
+    data_dir = under(root, cfg.output.data_dir).resolve()
+    if not problems and data_dir == root.resolve():
         problems.append(
             f"output.data_dir={cfg.output.data_dir!r} is the project root; use a subfolder (data)"
         )
+    if not problems and not data_dir.is_relative_to(root.resolve()):
+        problems.append(
+            f"output.data_dir={cfg.output.data_dir!r} must lie inside the project {str(root)!r}: "
+            "DVC versions it from there"
+        )
     if not problems:
-        problems += _raw_data_problem(cfg, root, data_dir)
+        problems += _raw_data_problem(cfg, root)
     if problems:
         raise ConfigError("invalid fedtail config:\n" + "\n".join(f"  {p}" for p in problems))
 
@@ -653,33 +658,20 @@ def _folder_problem(path: Path) -> str | None:
     return None
 
 
-def _raw_data_problem(cfg: FedtailConfig, root: Path, data_dir: Path) -> list[str]:
+def _raw_data_problem(cfg: FedtailConfig, root: Path) -> list[str]:
     """A torchvision dataset needs ``dataset.root`` unless its raw files are in ``data_dir/<name>/`` or
     recorded in ``data.dvc`` (then DVC restores them); the other datasets build their own raw data."""
-    from fedtail.datasets.torchvision_sets import RAW_FILES, SPECS
+    from fedtail import staging
+    from fedtail.datasets.torchvision_sets import SPECS
 
     name = cfg.dataset.name
-    raw = data_dir / name
-    if name not in SPECS or cfg.dataset.root is not None or all((raw / f).is_file() for f in RAW_FILES):
+    if name not in SPECS or cfg.dataset.root is not None:
         return []
-    dvc_file = data_dir.with_name(data_dir.name + ".dvc")
-    if dvc_file.is_file() and _dvc_records(root, raw):
+    if staging.raw_present(cfg, root) or not staging.unversioned(cfg, root):
         return []
+    raw = Path(cfg.output.data_dir) / name
     return [
-        f"dataset.root: dataset {name!r} must be read from torchvision files ({str(raw)!r} is not there"
-        f"{'' if dvc_file.is_file() else ' and nothing records it in ' + repr(dvc_file.name)}), but "
-        f"dataset.root is not set; set dataset.root to the torchvision folder (with dataset.download: true "
-        f"to download into it), or restore {str(raw)!r} with `dvc pull`"
+        f"dataset.root: dataset {name!r} must be read from torchvision files ({str(raw)!r} is not there "
+        f"and {staging.dvc_file_of(cfg, root).name} does not record it), but dataset.root is not set; set "
+        "dataset.root to the torchvision folder (with dataset.download: true to download into it)"
     ]
-
-
-def _dvc_records(root: Path, path: Path) -> bool:
-    """Whether the DVC-tracked data at ``root`` holds ``path`` (DVC's own file system reads the .dvc file
-    and its directory listing). Unknown (DVC fails) counts as yes: staging then says what is wrong."""
-    try:
-        from dvc.api import DVCFileSystem
-
-        rel = path.resolve().relative_to(root.resolve()).as_posix()
-        return bool(DVCFileSystem(str(root)).exists(rel))
-    except Exception:  # not a DVC repo, data outside the project, ...: staging reports it precisely
-        return True

@@ -45,6 +45,7 @@ import numpy as np
 import yaml
 
 from fedtail import io
+from fedtail.config import ConfigError
 from fedtail.datasets.base import DatasetSpec, Splits
 from fedtail.registry import DATASETS
 
@@ -114,7 +115,7 @@ def _data_dir(cfg: FedtailConfig, root: Path) -> Path:
     try:
         data_dir.resolve().relative_to(root.resolve())
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"output.data_dir={cfg.output.data_dir!r} must lie inside the project {str(root)!r}: "
             "DVC versions it from there"
         ) from None
@@ -123,6 +124,11 @@ def _data_dir(cfg: FedtailConfig, root: Path) -> Path:
 
 def _dvc_file(data_dir: Path) -> Path:
     return data_dir.with_name(data_dir.name + ".dvc")
+
+
+def dvc_file_of(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
+    """The ``.dvc`` file that versions ``output.data_dir`` (``data.dvc`` by default)."""
+    return _dvc_file(_data_dir(cfg, Path(root)))
 
 
 def _raw_names(spec: DatasetSpec, cfg: FedtailConfig) -> list[str]:
@@ -183,7 +189,7 @@ def _locked(root: Path) -> Iterator[None]:
 
 def _require_dvc(root: Path) -> None:
     if not (root / ".dvc").is_dir():
-        raise RuntimeError(
+        raise DataIntegrityError(
             f"{str(root)!r} is not a DVC project (no .dvc/): after the first git commit run `dvc init` "
             "there, or fedtail.staging.init_dvc(root), which also sets up the default remote"
         )
@@ -308,17 +314,26 @@ def _mismatch(repo: Repo, cfg: FedtailConfig, root: Path, dvc_file: Path, bad: l
     return "\n".join(lines)
 
 
-def check_versioned(cfg: FedtailConfig, root: Path = Path(".")) -> None:
-    """Refuse, before any work, a dataset variant that ``data.dvc`` does not record (a YAML read, no DVC)."""
-    root = Path(root)
-    dvc_file, files = _variant_files(cfg, root)
+def unversioned(cfg: FedtailConfig, root: Path = Path(".")) -> list[str]:
+    """The configured dataset variant's raw files that ``data.dvc`` does not record (a YAML read, no DVC)."""
+    dvc_file, files = _variant_files(cfg, Path(root))
     recorded = _recorded(dvc_file)
-    unversioned = [p for p in files if p not in recorded]
-    if unversioned:
-        rel = os.path.relpath(dvc_file, root)
+    return [p for p in files if p not in recorded]
+
+
+def raw_present(cfg: FedtailConfig, root: Path = Path(".")) -> bool:
+    """Whether every raw file of the configured dataset variant is in the data folder."""
+    return all(path.is_file() for path in _variant_files(cfg, Path(root))[1].values())
+
+
+def check_versioned(cfg: FedtailConfig, root: Path = Path(".")) -> None:
+    """Refuse, before any work, a dataset variant that ``data.dvc`` does not record."""
+    missing = unversioned(cfg, root)
+    if missing:
+        rel = os.path.relpath(dvc_file_of(cfg, root), root)
         raise DataIntegrityError(
             f"dataset {cfg.dataset.name!r} with this config is not versioned in {rel} (no entry for "
-            f"{', '.join(unversioned)}). Running never changes the recorded data; to version it, run "
+            f"{', '.join(missing)}). Running never changes the recorded data; to version it, run "
             f"`{_data_add_command(cfg)}` and commit {rel}."
         )
 

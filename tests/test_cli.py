@@ -115,3 +115,31 @@ def test_unversioned_dataset_is_refused_naming_the_command(
     assert err.startswith("fedtail: ") and "Traceback" not in err and "Flow run" not in out + err
     assert "`fedtail data add mnist1d --set dataset.num_samples=100`" in err
     assert (project / "data.dvc").read_bytes() == dvc_file, "running must never change data.dvc"
+
+
+def test_data_errors_outside_the_config_exit_cleanly(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A data folder outside the project, or a folder that is no DVC project: a message, not a traceback."""
+    assert main(["stage", *_args(project, "--set", f"output.data_dir={tmp_path / 'x'}")]) == 2
+    err = capsys.readouterr().err
+    assert "must lie inside the project" in err and "Traceback" not in err
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert main(["data", "add", "digits", "--root", str(bare), "--config", str(REPO / "params.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fedtail: ") and "not a DVC project" in err and "Traceback" not in err
+
+
+def test_data_add_names_the_dvc_file_it_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedtail.staging import init_dvc
+    from tests.conftest import git
+
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "commit", "-q", "--allow-empty", "-m", "init")
+    init_dvc(tmp_path)
+    args = ["data", "add", "digits", "--root", str(tmp_path), "--config", str(REPO / "params.yaml")]
+    assert main([*args, "--set", "output.data_dir=store/raw.v1"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "store" / "raw.v1.dvc").is_file()
+    assert "git add store/raw.v1.dvc" in out

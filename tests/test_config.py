@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -416,27 +415,16 @@ def test_client_side_rereading_skips_the_schedule_check() -> None:
 
 
 def test_torchvision_dataset_recorded_in_data_dvc_needs_no_root(tmp_path: Path) -> None:
-    """data/mnist deleted but recorded in data.dvc: DVC restores it, so no dataset.root is needed."""
-    from dvc.repo import Repo
+    """data/mnist absent but recorded in data.dvc: DVC restores it, so no dataset.root is needed."""
+    from fedtail.datasets.torchvision_sets import RAW_FILES
 
-    from fedtail.staging import init_dvc
-    from tests.conftest import git
-
-    git(tmp_path, "init", "-q")
-    git(tmp_path, "commit", "-q", "--allow-empty", "-m", "init")
-    init_dvc(tmp_path)
-    (tmp_path / "data" / "digits").mkdir(parents=True)
-    (tmp_path / "data" / "digits" / "x.npy").write_bytes(b"1")
-    with Repo(str(tmp_path)) as repo:
-        repo.add(str(tmp_path / "data"))
+    entry = "- md5: {}\n  path: data/{}\n"
+    (tmp_path / "data.dvc").write_text("outs:\n" + entry.format("ab" * 16, "digits/images.npy"))
     cfg = build_config({"dataset": {"name": "mnist"}})
     with pytest.raises(ConfigError, match="dataset 'mnist' must be read from torchvision"):
         check_paths(cfg, tmp_path)  # data.dvc exists but does not hold mnist
-    (tmp_path / "data" / "mnist").mkdir()
-    (tmp_path / "data" / "mnist" / "train_images.npy").write_bytes(b"2")
-    with Repo(str(tmp_path)) as repo:
-        repo.add(str(tmp_path / "data"))
-    shutil.rmtree(tmp_path / "data" / "mnist")
+    mnist = "".join(entry.format("cd" * 16, f"mnist/{name}") for name in RAW_FILES)
+    (tmp_path / "data.dvc").write_text("outs:\n" + mnist)
     check_paths(cfg, tmp_path)
 
 
