@@ -133,7 +133,8 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _config(args: argparse.Namespace) -> FedtailConfig:
-    return load_config(args.config, _overrides(args))
+    """The config; ``serve`` is checked with Prefect's rules (a second to import) only where it is used."""
+    return load_config(args.config, _overrides(args), schedule=args.command in ("run", "serve"))
 
 
 def main(argv: list[str] | None = None) -> int:

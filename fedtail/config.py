@@ -532,10 +532,12 @@ def build_config(data: Mapping[str, Any], *, schedule: bool = True) -> FedtailCo
 def load_config(
     path: str | Path | None = DEFAULT_CONFIG_FILE,
     overrides: Mapping[str, Any] | Iterable[str] = (),
+    *,
+    schedule: bool = True,
 ) -> FedtailConfig:
-    """Read YAML (``None`` = built-in defaults), apply overrides, validate."""
+    """Read YAML (``None`` = built-in defaults), apply overrides, validate (``schedule``: `build_config`)."""
     data: dict[str, Any] = {} if path is None else read_config_file(path)
-    return build_config(apply_overrides(data, overrides))
+    return build_config(apply_overrides(data, overrides), schedule=schedule)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -600,7 +602,8 @@ def _from_run_config_value(key: str, value: Any) -> Any:
 def from_run_config(run_config: Mapping[str, Any], root: Path | None = None) -> FedtailConfig:
     """Inverse of `to_run_config`, also accepting a base file under the key ``config-file``.
 
-    ``flwr run . --run-config "partition.alpha=0.1"`` lands here as ``{"partition.alpha": 0.1}``.
+    ``flwr run . --run-config "partition.alpha=0.1"`` lands here as ``{"partition.alpha": 0.1}``. A Flower
+    run never schedules, so ``serve`` is not checked with Prefect's rules here.
     """
     items = dict(run_config)
     base = items.pop("config-file", None)
@@ -609,8 +612,8 @@ def from_run_config(run_config: Mapping[str, Any], root: Path | None = None) -> 
         path = Path(str(base))
         if not path.is_absolute() and root is not None:
             path = Path(root) / path
-        return load_config(path, decoded)
-    return build_config(apply_overrides({}, decoded))
+        return load_config(path, decoded, schedule=False)
+    return build_config(apply_overrides({}, decoded), schedule=False)
 
 
 # ---- checks that need the filesystem (run by the CLI, the flow and the ServerApp before any work) -----

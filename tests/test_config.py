@@ -467,3 +467,19 @@ def test_plugins_read_their_options_typed(scaled_ce: None, monkeypatch: pytest.M
     assert "continual.options: option 'memory': Input should be greater than or equal to 0" in _error(
         {"continual.method": "replay-test", "continual.options.memory": -1}
     )
+
+
+def test_only_commands_that_schedule_import_prefect_to_check_serve() -> None:
+    """`fedtail stage|partition|simulate|report` (every `dvc repro` stage) and `flwr run` validate without
+    importing Prefect (about a second); `run` and `serve` check `serve` with Prefect's own rules."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fedtail.config import load_config; "
+        "load_config('params.yaml', schedule={}); print('prefect' in sys.modules)"
+    )
+    for schedule, imported in ((False, "False"), (True, "True")):
+        cmd = [sys.executable, "-c", code.format(schedule)]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == imported
