@@ -81,9 +81,7 @@ def _existing_run_args(p: argparse.ArgumentParser, resume_takes_id: bool) -> Non
 
 
 def _mode(args: argparse.Namespace) -> runs.Mode:
-    if getattr(args, "resume", None):
-        return runs.Mode.RESUME
-    return runs.Mode.OVERWRITE if getattr(args, "overwrite", False) else runs.Mode.NEW
+    return runs.Mode.from_flags(bool(getattr(args, "resume", None)), getattr(args, "overwrite", False))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,29 +193,47 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _train(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> str:
+    """``run`` (the Prefect flow; returns the report line) or ``simulate`` (the DVC stage; the run folder)."""
+    from fedtail import pipeline
+
+    if args.command == "simulate":
+        staged = pipeline.stage(cfg, root)
+        parts = pipeline.partition(cfg, staged, root)
+        return str(pipeline.simulate(cfg, staged, parts, pipeline.new_run_dir(cfg, root), mode=_mode(args)))
+    from fedtail.prefect_server import temporary_server
+    from flows.pipeline import fl_pipeline
+
+    log.setLevel(logging.WARNING)  # the flow's run logger prints the per-round progress
+    with temporary_server():
+        run_dir = fl_pipeline(
+            config_path=args.config,
+            overrides=_overrides(args),
+            root=str(root),
+            resume=bool(args.resume),
+            overwrite=args.overwrite,
+        )
+    return f"report: {Path(run_dir) / 'report.md'}"
+
+
 def _dispatch(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
     from fedtail import pipeline
 
-    if args.command == "run":
-        from fedtail.prefect_server import temporary_server
-        from flows.pipeline import fl_pipeline
-
-        log.setLevel(logging.WARNING)  # the flow's run logger prints the per-round progress
+    if args.command in ("run", "simulate"):
+        print(f"run {args.run_id}: {pipeline.new_run_dir(cfg, root)}", flush=True)
         try:
-            with _sigterm_interrupts(), temporary_server():
-                run_dir = fl_pipeline(
-                    config_path=args.config,
-                    overrides=_overrides(args),
-                    root=str(root),
-                    resume=bool(args.resume),
-                    overwrite=args.overwrite,
-                )
+            with _sigterm_interrupts():
+                print(_train(args, cfg, root))
         except KeyboardInterrupt:
-            started = (io.under(root, cfg.output.runs_dir) / args.run_id / "config.yaml").is_file()
-            hint = f"resume with: fedtail run --resume {args.run_id}" if started else "nothing to resume yet"
+            started = (pipeline.new_run_dir(cfg, root) / "config.yaml").is_file()
+            again = (
+                f"fedtail run --resume {args.run_id}"
+                if args.command == "run"
+                else f"fedtail simulate --run-id {args.run_id} --resume (with the same --config/--set)"
+            )
+            hint = f"resume with: {again}" if started else "nothing to resume yet"
             print(f"\nfedtail: interrupted; {hint}", file=sys.stderr)
             return 130
-        print(f"report: {Path(run_dir) / 'report.md'}")
     elif args.command == "serve":
         from flows.serve import serve
 
@@ -226,11 +242,6 @@ def _dispatch(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
         print(pipeline.stage(cfg, root))
     elif args.command == "partition":
         print(pipeline.partition(cfg, pipeline.stage(cfg, root), root))
-    elif args.command == "simulate":
-        staged = pipeline.stage(cfg, root)
-        parts = pipeline.partition(cfg, staged, root)
-        run_dir = pipeline.simulate(cfg, staged, parts, pipeline.new_run_dir(cfg, root), mode=_mode(args))
-        print(run_dir)
     elif args.command == "report":
         print(pipeline.report(pipeline.new_run_dir(cfg, root)))
     elif args.command == "data":

@@ -32,6 +32,13 @@ class Mode(StrEnum):
     RESUME = "resume"
     OVERWRITE = "overwrite"
 
+    @classmethod
+    def from_flags(cls, resume: bool, overwrite: bool) -> Mode:
+        """``--resume`` / ``--overwrite`` (or the flow's parameters of the same names) as a mode."""
+        if resume and overwrite:
+            raise RunFolderError("resume and overwrite exclude each other: choose one")
+        return cls.RESUME if resume else cls.OVERWRITE if overwrite else cls.NEW
+
 
 class RunFolderError(ConfigError):
     """A run id or run folder that cannot be used as asked; the message says what to do instead."""

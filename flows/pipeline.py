@@ -190,9 +190,7 @@ def fl_pipeline(
     (replace it) is set; both are checked before any task runs.
     """
     cfg = load_config(config_path, overrides or {})
-    if resume and overwrite:
-        raise runs.RunFolderError("resume and overwrite exclude each other: choose one")
-    mode = runs.Mode.RESUME if resume else runs.Mode.OVERWRITE if overwrite else runs.Mode.NEW
+    mode = runs.Mode.from_flags(resume, overwrite)
     root_dir = Path(root).resolve()
     check_paths(cfg, root_dir)
     run_dir = pipeline.new_run_dir(cfg, root_dir)

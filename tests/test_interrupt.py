@@ -142,3 +142,23 @@ def test_ctrl_c_before_the_run_folder_exists_offers_no_resume(
         pytest.fail("KeyboardInterrupt escaped `fedtail run`")
     assert rc == 130
     assert "interrupted; nothing to resume yet" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_the_dvc_simulate_stage_says_how_to_resume(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`fedtail simulate` (what `dvc repro` runs) stops like `fedtail run`: exit 130 and its own hint."""
+    import fedtail.pipeline
+    from fedtail import runs
+    from fedtail.cli import main
+
+    def interrupted(cfg, staged, parts, run_dir, mode, **_: object) -> None:
+        with runs.claim(run_dir, mode):
+            (run_dir / "config.yaml").write_text("seed: 0\n")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fedtail.pipeline, "simulate", interrupted)
+    args = ["simulate", "--config", SMOKE, "--root", str(project), "--run-id", "s"]
+    args += ["--set", f"output.runs_dir={tmp_path}", "--set", f"output.artifacts_dir={tmp_path / 'a'}"]
+    assert main(args) == 130
+    assert "interrupted; resume with: fedtail simulate --run-id s --resume" in capsys.readouterr().err
