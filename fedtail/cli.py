@@ -131,8 +131,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _config(args: argparse.Namespace) -> FedtailConfig:
-    """The config; ``serve`` is checked with Prefect's rules (a second to import) only where it is used."""
-    return load_config(args.config, _overrides(args), schedule=args.command in ("run", "serve"))
+    return load_config(args.config, _overrides(args))
 
 
 def main(argv: list[str] | None = None) -> int:

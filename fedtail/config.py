@@ -602,8 +602,7 @@ def _from_run_config_value(key: str, value: Any) -> Any:
 def from_run_config(run_config: Mapping[str, Any], root: Path | None = None) -> FedtailConfig:
     """Inverse of `to_run_config`, also accepting a base file under the key ``config-file``.
 
-    ``flwr run . --run-config "partition.alpha=0.1"`` lands here as ``{"partition.alpha": 0.1}``. A Flower
-    run never schedules, so ``serve`` is not checked with Prefect's rules here.
+    ``flwr run . --run-config "partition.alpha=0.1"`` lands here as ``{"partition.alpha": 0.1}``.
     """
     items = dict(run_config)
     base = items.pop("config-file", None)
@@ -612,8 +611,8 @@ def from_run_config(run_config: Mapping[str, Any], root: Path | None = None) -> 
         path = Path(str(base))
         if not path.is_absolute() and root is not None:
             path = Path(root) / path
-        return load_config(path, decoded, schedule=False)
-    return build_config(apply_overrides({}, decoded), schedule=False)
+        return load_config(path, decoded)
+    return build_config(apply_overrides({}, decoded))
 
 
 # ---- checks that need the filesystem (run by the CLI, the flow and the ServerApp before any work) -----

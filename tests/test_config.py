@@ -469,9 +469,9 @@ def test_plugins_read_their_options_typed(scaled_ce: None, monkeypatch: pytest.M
     )
 
 
-def test_only_commands_that_schedule_import_prefect_to_check_serve() -> None:
-    """`fedtail stage|partition|simulate|report` (every `dvc repro` stage) and `flwr run` validate without
-    importing Prefect (about a second); `run` and `serve` check `serve` with Prefect's own rules."""
+def test_schedule_false_validates_without_importing_prefect() -> None:
+    """``schedule=False`` (processes that re-read a checked config) skips Prefect's import (~1.5 s);
+    the default checks ``serve`` with Prefect's own rules, as every CLI command does."""
     import subprocess
     import sys
 
