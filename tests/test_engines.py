@@ -86,13 +86,18 @@ def test_misbehaving_clients_get_error_replies(workers: int) -> None:
 def test_worker_process_that_exits_is_replaced() -> None:
     grid = _grid(workers=2)
     try:
+        _round(grid, ["ok", "ok", "ok"])
+        first = {w.process.pid for w in grid._procs}
         replies = _round(grid, ["ok", "os_exit", "ok"])
         code, reason = _error(replies[1])
         assert code == ErrorCode.CLIENT_APP_CRASHED and "exit code 3" in reason
         assert not replies[0].has_error() and not replies[2].has_error()
+        now = {w.process.pid for w in grid._procs}
+        assert len(first) == len(now) == 2 and len(first & now) == 1  # exactly the dead worker replaced
+        assert all(w.process.is_alive() for w in grid._procs)
         replies = _round(grid, ["ok", "ok", "ok"])
         assert not any(r.has_error() for r in replies)
-        assert len({int(r.content["metrics"]["pid"]) for r in replies}) >= 1
+        assert {int(r.content["metrics"]["pid"]) for r in replies} <= now
     finally:
         grid.close()
 
