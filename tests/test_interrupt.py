@@ -162,3 +162,25 @@ def test_ctrl_c_in_the_dvc_simulate_stage_says_how_to_resume(
     args += ["--set", f"output.runs_dir={tmp_path}", "--set", f"output.artifacts_dir={tmp_path / 'a'}"]
     assert main(args) == 130
     assert "interrupted; resume with: fedtail simulate --run-id s --resume" in capsys.readouterr().err
+
+
+def test_detached_server_runs_exactly_prefects_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fedtail copies Prefect's uvicorn command to add two Popen options; a Prefect upgrade that changes
+    the command (or its environment) must fail here rather than drift silently."""
+    import subprocess as sp
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from fedtail.prefect_server import DetachedServer
+
+    calls: list[tuple[tuple, dict]] = []
+    monkeypatch.setattr(sp, "Popen", lambda *a, **k: calls.append((a, k)))
+    server = DetachedServer.__new__(DetachedServer)
+    server.port = 4321
+    SubprocessASGIServer._run_uvicorn_command(server)
+    DetachedServer._run_uvicorn_command(server)
+    (prefect_args, prefect_kwargs), (our_args, our_kwargs) = calls
+    assert our_args == prefect_args
+    assert our_kwargs.pop("start_new_session") is True and callable(our_kwargs.pop("preexec_fn"))
+    assert our_kwargs == prefect_kwargs
+    assert "127.0.0.1" in our_kwargs["args"]
