@@ -5,7 +5,8 @@ Ray engine over the in-process engine.
 Workloads as in benchmarks/speed.py (digits MLP, plain FL, FedAvg, CE, 2 epochs, server evaluation
 every round): 20 clients x 10 rounds with 50 % sampled per round, and 100 clients x 10 rounds with 10 %.
 ray-actors runs twice: with its default actor count (the machine's CPUs) and with one actor (the
-overhead alone, no parallel clients).
+overhead alone, no parallel clients). First, the engines' own cost without any client work: rounds of
+no-op ClientApp calls on the in-process and the ray-actors Grid, and Ray's start and stop times.
 
 Each measurement runs in a fresh Python process. Per run it records the wall time of the federation
 (Ray's start and stop included), the time to the end of round 1 (start-up and client discovery) and
@@ -102,6 +103,47 @@ def one(root: Path, workload: str, engine: str, run_id: str) -> dict:
     }
 
 
+def noop(calls: int = 10, rounds: int = 20) -> dict:
+    """The engines' own cost: rounds of ``calls`` no-op ClientApp calls (tests/engine_apps.py) on the
+    in-process Grid and on the ray-actors Grid with one actor; how long Ray and the actor take to start."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedtail.engines.inprocess import InProcessGrid, set_server_identity
+    from fedtail.engines.ray_actors import RayActorGrid, ray_session
+
+    app = "tests.engine_apps:app"
+    result: dict = {"calls_per_round": calls}
+    start = time.perf_counter()
+    with ray_session(None):
+        result["ray_init_seconds"] = time.perf_counter() - start
+        set_server_identity()
+        start = time.perf_counter()
+        actors = RayActorGrid(app, calls, actors=1, timeout=60.0)
+        result["actor_start_seconds"] = time.perf_counter() - start
+        for name, grid in (("ray-actors-1", actors), ("inprocess", InProcessGrid(app, calls))):
+            times = []
+            for _ in range(rounds):
+                messages = [
+                    Message(
+                        RecordDict({"cfg": ConfigRecord({"action": "ok"})}),
+                        dst_node_id=n,
+                        message_type="train",
+                    )
+                    for n in grid.node_ids
+                ]
+                start = time.perf_counter()
+                list(grid.send_and_receive(messages))
+                times.append(time.perf_counter() - start)
+            grid.close()
+            result[f"{name}_round_ms"] = 1000 * statistics.median(times[2:])
+        start = time.perf_counter()
+    result["ray_shutdown_seconds"] = time.perf_counter() - start
+    result["ray-actors-1_overhead_ms_per_call"] = (
+        result["ray-actors-1_round_ms"] - result["inprocess_round_ms"]
+    ) / calls
+    return result
+
+
 def _project(tmp: Path) -> Path:
     def git(*args: str) -> None:
         subprocess.run(["git", *args], cwd=tmp, check=True, capture_output=True)
@@ -124,10 +166,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--only", choices=sorted(WORKLOADS), action="append")
+    parser.add_argument("--noop", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--one", nargs=4, metavar=("ROOT", "WORKLOAD", "ENGINE", "RUN_ID"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    if args.noop:
+        print(json.dumps(noop()))
+        return
     if args.one:
         root, workload, engine, run_id = args.one
         print(json.dumps(one(Path(root), workload, engine, run_id)))
@@ -140,6 +186,12 @@ def main() -> None:
         "base_overrides": BASE,
         "workloads": {},
     }
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, __file__, "--noop"], cwd=REPO, env=env, check=True, capture_output=True
+    )
+    result["noop"] = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    print(json.dumps(result["noop"], indent=1), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = _project(Path(tmp))
         for name in args.only or WORKLOADS:
