@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -26,6 +27,8 @@ def train(msg: Message, context: Context):
     action = str(msg.content["cfg"]["action"])
     if action == "hang":
         time.sleep(HANG_SECONDS)
+    elif action == "hang_holding_the_gil":  # no other thread of the process runs (nor times it out)
+        re.match(r"(a+)+$", "a" * 64 + "b")
     elif action == "raise":
         raise ValueError("client bug")
     elif action == "sys_exit":
@@ -119,19 +122,26 @@ def listening(pids: set[int] | None = None) -> list[tuple[str, str]]:
 
 
 def _outcome(reply: Message) -> list:
-    """[error reason, None], or ["ok", the Ray node the call ran on]."""
+    """[error reason, None, None], or ["ok", the Ray node and the process the call ran in]."""
     if reply.has_error():
-        return [reply.error.reason, None]
-    return ["ok", str(reply.content["where"]["node"])]
+        return [reply.error.reason, None, None]
+    return ["ok", str(reply.content["where"]["node"]), int(reply.content["metrics"]["pid"])]
 
 
-def ray_actors_probe(address: str | None, actions: list[str], timeout: float, actors: int) -> dict:
+def ray_actors_probe(
+    address: str | None, actions: list[str], timeout: float, actors: int, slack: float | None = None
+) -> dict:
     """Run the ray-actors engine's Grid on this app (at ``address``, or a private local Ray): a warm-up
     round, then one round with ``actions``, then one more plain round. Returns the replies (an error's
     reason, or "ok") with the Ray node each ran on, the actors' nodes and this process's listening
-    sockets (run it in a subprocess: a hang there must not hang the test)."""
+    sockets (run it in a subprocess: a hang there must not hang the test). ``slack``: the engine's
+    `SLACK`, the time an actor gets on top of its calls' limits before it counts as hung."""
+    from fedtail.engines import ray_actors
     from fedtail.engines.inprocess import set_server_identity
     from fedtail.engines.ray_actors import RayActorGrid, ray_session
+
+    if slack is not None:
+        ray_actors.SLACK = slack
 
     def round_(grid: RayActorGrid, acts: list[str]) -> list[list]:
         messages = [

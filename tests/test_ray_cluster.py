@@ -154,10 +154,12 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
-def _probe(address: str, actions: list[str], timeout: float, actors: int) -> dict:
+def _probe(
+    address: str | None, actions: list[str], timeout: float, actors: int, slack: float | None = None
+) -> dict:
     code = (
         "import json; from tests.engine_apps import ray_actors_probe; "
-        f"print(json.dumps(ray_actors_probe({address!r}, {actions!r}, {timeout}, {actors})))"
+        f"print(json.dumps(ray_actors_probe({address!r}, {actions!r}, {timeout}, {actors}, {slack})))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
@@ -176,14 +178,14 @@ def test_actors_run_on_both_nodes_and_only_failing_clients_get_errors(cluster: d
 
     seen = _probe(cluster["address"], ["ok", "hang", "ok", "os_exit", "raise", "ok"], timeout=3.0, actors=2)
     assert len(set(seen["actor_nodes"])) == 2  # one actor per node (1 CPU each)
-    assert all(outcome == "ok" for outcome, _ in seen["warm_up"])
-    assert {node for _, node in seen["warm_up"]} == set(seen["actor_nodes"])  # calls ran on both nodes
-    reasons = [outcome for outcome, _ in seen["round"]]
+    assert all(outcome == "ok" for outcome, *_ in seen["warm_up"])
+    assert {node for _, node, _ in seen["warm_up"]} == set(seen["actor_nodes"])  # calls ran on both nodes
+    reasons = [outcome for outcome, *_ in seen["round"]]
     assert reasons[0] == reasons[2] == reasons[5] == "ok"
     assert reasons[1] == "client timed out after 3s"
     assert reasons[3].startswith("client actor failed: ActorDiedError")
     assert reasons[4] == "ValueError: client bug"
-    assert all(outcome == "ok" for outcome, _ in seen["after"])  # the dead actor was replaced
+    assert all(outcome == "ok" for outcome, *_ in seen["after"])  # the dead actor was replaced
     assert seen["calls"] == [3, 2, 3, 2, 2, 3]  # failed calls left their node's Context as it was
 
     sockets = listening(cluster["pids"]()) + seen["listening"]
@@ -211,3 +213,17 @@ def test_cluster_run_matches_the_inprocess_engine(cluster: dict, project: Path) 
         else:
             assert metrics[key] == value, key
     assert list(pd.read_csv(run_dir / "clients.csv")["rounds-trained"]) == [4, 4, 4]  # state kept
+
+
+def test_an_actor_that_stops_answering_is_killed_and_replaced() -> None:
+    """A call that holds the GIL cannot be timed out inside its actor; the driver kills the actor once
+    its chunk is over its time (2 calls x 1 s + 2 s), runs the chunk again call by call, and only the
+    hung client gets an error reply (private local Ray)."""
+    start = time.monotonic()
+    seen = _probe(None, ["ok", "hang_holding_the_gil"], timeout=1.0, actors=1, slack=2.0)
+    assert time.monotonic() - start < 120
+    assert [outcome for outcome, *_ in seen["round"]] == ["ok", "client timed out after 1s"]
+    assert all(outcome == "ok" for outcome, *_ in seen["after"])
+    pids = {pid for *_, pid in seen["warm_up"]}, {pid for *_, pid in seen["after"]}
+    assert len(pids[0]) == len(pids[1]) == 1 and pids[0] != pids[1]  # the actor was replaced
+    assert seen["calls"] == [3, 2]
