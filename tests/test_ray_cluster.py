@@ -185,7 +185,9 @@ def test_actors_run_on_both_nodes_and_only_failing_clients_get_errors(cluster: d
     assert reasons[1] == "client timed out after 3s"
     assert reasons[3].startswith("client actor failed: ActorDiedError")
     assert reasons[4] == "ValueError: client bug"
-    assert all(outcome == "ok" for outcome, *_ in seen["after"])  # the dead actor was replaced
+    assert all(outcome == "ok" for outcome, *_ in seen["after"])
+    # both actors were replaced: the one whose client died, and the one that left a timed-out call behind
+    assert not {pid for *_, pid in seen["after"]} & {pid for *_, pid in seen["warm_up"]}
     assert seen["calls"] == [3, 2, 3, 2, 2, 3]  # failed calls left their node's Context as it was
 
     sockets = listening(cluster["pids"]()) + seen["listening"]

@@ -9,8 +9,9 @@ Contexts in one Ray call. Replies come back in the order the messages were sent,
 depends only on its message and its node's Context, so every actor count gives the metrics of the
 in-process engine; and since the Contexts travel with the calls, client state and resume work as there.
 
-``engine.timeout`` bounds each ClientApp call inside its actor (a call over it gets an error reply and
-the actor goes on with a fresh thread, see `ThreadRunner`). An actor that dies (a client calling
+``engine.timeout`` bounds each ClientApp call inside its actor (a call over it gets an error reply, the
+actor goes on with the rest of its chunk on a fresh thread, see `ThreadRunner`, and is then replaced so
+that the abandoned call stops using its CPUs). An actor that dies (a client calling
 ``os._exit``, a crashed worker) or does not answer within its chunk's time (chunk length × timeout plus
 `SLACK`) is killed and replaced, and its chunk's calls are run again one by one on the actors, so only
 the client that failed gets an error reply. Re-running a call is safe: nothing of it was kept.
@@ -65,8 +66,14 @@ class ClientActor:
 
         return ray.get_runtime_context().get_node_id()
 
-    def run(self, batch: list[tuple[Message, Context]]) -> list[Result]:
-        return [self.runner(message, context) for message, context in batch]
+    def run(self, batch: list[tuple[Message, Context]]) -> tuple[list[Result], bool]:
+        """The calls' results, and whether a call timed out (its thread may still be running here)."""
+        results = [self.runner(message, context) for message, context in batch]
+        timed_out = any(
+            context is None and reply.has_error() and reply.error.code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE
+            for reply, context in results
+        )
+        return results, timed_out
 
 
 class RayActorGrid(InProcessGrid):
@@ -143,13 +150,15 @@ class RayActorGrid(InProcessGrid):
                 if ref in ready:
                     del running[ref]
                     try:
-                        out = ray.get(ref)
+                        out, timed_out = ray.get(ref)
                     except ray.exceptions.RayError as ex:
                         self._replace(actor)
                         self._failed(batch, chunk, results, todo, ErrorCode.CLIENT_APP_CRASHED, _reason(ex))
                     else:
                         for i, result in zip(chunk, out, strict=True):
                             results[i] = result
+                        if timed_out:  # a fresh actor: the abandoned call must not keep using its CPUs
+                            self._replace(actor)
                     free.append(actor)
                 elif time.monotonic() >= deadline:
                     del running[ref]
