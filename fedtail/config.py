@@ -266,9 +266,18 @@ class ModelConfig(_Section):
 class EngineConfig(_Section):
     """Where the ClientApps run. The ServerApp and ClientApp are the same on every engine."""
 
-    name: EngineName = Field("inprocess", description="Registered engine: inprocess, ray.")
+    name: EngineName = Field("inprocess", description="Registered engine: inprocess, ray, ray-actors.")
     workers: int = Field(1, ge=1, le=256, description="inprocess: parallel client processes (1 = none).")
-    cpus_per_client: float = Field(1.0, gt=0.0, le=1024, description="ray: CPUs reserved per ClientApp.")
+    cpus_per_client: float = Field(
+        1.0, gt=0.0, le=1024, description="ray: CPUs reserved per ClientApp; ray-actors: per actor."
+    )
+    actors: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="ray-actors: long-lived Ray actors that run the ClientApp calls "
+        "(null = the cluster's CPUs / cpus_per_client; never more than the clients).",
+    )
     threads_per_client: int = Field(1, ge=1, le=256, description="torch threads inside a ClientApp.")
     device: Annotated[Literal["auto", "cpu", "cuda"], AfterValidator(_check_device)] = "auto"
     timeout: float = Field(
@@ -277,13 +286,14 @@ class EngineConfig(_Section):
         le=30 * 86400,
         description="Seconds before a client counts as failed. inprocess: the limit of each ClientApp call "
         "(clients run one after another; a call over it is abandoned, its process killed with workers > 1); "
-        "ray: how long the server waits for a round's replies (Flower's round timeout).",
+        "ray: how long the server waits for a round's replies (Flower's round timeout); ray-actors: the "
+        "limit of each ClientApp call inside its actor (a hung actor is killed and replaced).",
     )
     ray_address: str | None = Field(
         None,
         min_length=1,
-        description="ray: null = start a private local Ray listening on 127.0.0.1 only; an address "
-        "('auto', 'ray://head:10001') = join that running cluster instead.",
+        description="ray, ray-actors: null = start a private local Ray listening on 127.0.0.1 only; an "
+        "address ('auto', 'ray://head:10001') = join that running cluster instead.",
     )
     verbose: bool = Field(False, description="Show Flower's own INFO log lines (strategy banners, rounds).")
 

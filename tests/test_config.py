@@ -166,6 +166,7 @@ def test_numbers_in_yaml_and_json_still_work(tmp_path: Path) -> None:
         ({"partition.alpha": 1e308}, "partition.alpha", "less than or equal to 1000000"),
         ({"engine.timeout": 1e308}, "engine.timeout", "less than or equal to"),
         ({"engine.cpus_per_client": 1e9}, "engine.cpus_per_client", "less than or equal to 1024"),
+        ({"engine.actors": 0}, "engine.actors", "greater than or equal to 1"),
         ({"train.weight_decay": 1e308}, "train.weight_decay", "less than or equal to 1"),
         ({"partition.min_partition_size": 1000}, "partition.min_partition_size=1000", "at most 134"),
         ({"dataset.root": ""}, "dataset.root", "not a usable folder path"),

@@ -157,6 +157,35 @@ def test_ray_address_picks_a_private_local_ray_or_an_explicit_cluster(monkeypatc
     assert (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")) == before
 
 
+@pytest.mark.parametrize(
+    ("engine", "resources", "expected"),
+    [
+        ({}, {"CPU": 8.0}, (3, 0.0)),  # never more actors than clients
+        ({"cpus_per_client": 4.0}, {"CPU": 8.0, "GPU": 2.0}, (2, 1.0)),
+        ({"cpus_per_client": 2.0}, {"CPU": 1.0}, (1, 0.0)),  # at least one
+        ({"actors": 2}, {"CPU": 1.0, "GPU": 1.0}, (2, 0.5)),
+        ({"actors": 2, "device": "cpu"}, {"CPU": 8.0, "GPU": 1.0}, (2, 0.0)),
+    ],
+)
+def test_ray_actors_fill_the_cluster(engine: dict, resources: dict, expected: tuple) -> None:
+    from fedtail.config import FedtailConfig
+    from fedtail.engines.ray_actors import plan_actors
+
+    cfg = FedtailConfig.model_validate({"federation": {"num_clients": 3}, "engine": engine})
+    assert plan_actors(cfg, resources) == expected
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [("127.0.0.1:6379", True), ("localhost:6379", True), ("ray://127.0.0.1:10001", True),
+     ("[::1]:6379", True), ("10.0.0.1:6379", False), ("auto", False), ("ray://head:10001", False)],
+)  # fmt: skip
+def test_a_cluster_on_loopback_is_joined_in_loopback_mode(address: str, loopback: bool) -> None:
+    from fedtail.engines.ray_actors import is_loopback_address
+
+    assert is_loopback_address(address) is loopback
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_timeout_beyond_what_the_clock_can_wait_means_no_limit(workers: int) -> None:
     grid = _grid(workers, timeout=float("inf"))  # engine.timeout accepts inf and 1e12

@@ -1,4 +1,4 @@
-"""End-to-end federation: same ServerApp/ClientApp on the in-process and Ray engines, client state,
+"""End-to-end federation: same ServerApp/ClientApp on the in-process and both Ray engines, client state,
 resume after a crash."""
 
 from __future__ import annotations
@@ -56,8 +56,11 @@ def test_client_state_persists_across_rounds_and_tasks(inprocess_run: tuple[Path
     assert all(s == "[0, 1]" for s in clients["tasks-seen"])
 
 
-def test_ray_engine_gives_identical_metrics(project: Path, inprocess_run: tuple[Path, dict]) -> None:
-    ray_dir, ray_metrics = _run(project, "ray", **{"engine.name": "ray"})
+@pytest.mark.parametrize("engine", ["ray", "ray-actors"])
+def test_ray_engines_give_identical_metrics(
+    project: Path, inprocess_run: tuple[Path, dict], engine: str
+) -> None:
+    ray_dir, ray_metrics = _run(project, engine, **{"engine.name": engine})
     _, metrics = inprocess_run
     for key, value in metrics.items():
         if isinstance(value, float):

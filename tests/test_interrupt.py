@@ -95,7 +95,7 @@ def _alive(procs: list[psutil.Process], timeout: float) -> list[str]:
 
 @pytest.mark.parametrize(
     ("engine", "how"),
-    [("inprocess", "ctrl-c"), ("ray", "ctrl-c"), ("inprocess", "sigterm")],
+    [("inprocess", "ctrl-c"), ("ray", "ctrl-c"), ("ray-actors", "ctrl-c"), ("inprocess", "sigterm")],
 )
 def test_ctrl_c_stops_quickly_leaves_a_checkpoint_and_says_how_to_resume(
     start_run: Callable[..., Run], engine: str, how: str

@@ -110,7 +110,7 @@ def reference(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return runs_dir / "r"
 
 
-@pytest.mark.parametrize(("engine", "kills"), [("inprocess", 3), ("ray", 1)])
+@pytest.mark.parametrize(("engine", "kills"), [("inprocess", 3), ("ray", 1), ("ray-actors", 1)])
 def test_sigkilled_run_resumes_byte_for_byte(
     project: Path, tmp_path: Path, reference: Path, engine: str, kills: int
 ) -> None:
