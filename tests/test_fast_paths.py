@@ -1,0 +1,176 @@
+"""The engine's fast paths give exactly what the straightforward code gave: indexed and cached client
+data, discovery without loading data, a reused client model, the lazy global model, one-pass FedAvg."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from clients import app as client_app
+from clients.local import load_client_data, train_local
+from fedtail import pipeline
+from fedtail import protocol as P
+from fedtail.engines.inprocess import InProcessGrid, set_server_identity
+from fedtail.models import build_model, to_arrays
+from fedtail.partition import labeled_class_counts, load_client
+from fedtail.staging import load_staged
+from server.app import discover_clients
+from strategies.base import decode, weighted_mean
+from tests.conftest import smoke_config
+from tests.test_clients import _ctx, _toy
+
+CLIENTS = 7
+
+
+@pytest.fixture(scope="module")
+def job(project: Path) -> P.Job:
+    """Digits over 7 clients with half of every client's samples unlabeled."""
+    cfg = smoke_config(project, **{"federation.num_clients": CLIENTS, "partition.labeled_fraction": 0.5})
+    staged = pipeline.stage(cfg, project)
+    return P.Job(cfg, staged, pipeline.partition(cfg, staged, project))
+
+
+def _uncached_client(job: P.Job, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A client's data as the loaders computed it before they were indexed and cached."""
+    assignment = np.load(job.partition_dir / "assignment.npy")
+    labeled = np.load(job.partition_dir / "labeled.npy")
+    idx = np.flatnonzero(assignment == k).astype(np.int64)
+    x = np.load(job.staged_dir / "x_train.npy")[idx].astype(np.float32)
+    y = np.load(job.staged_dir / "y_train.npy")[idx].astype(np.int64)
+    return idx, labeled[idx], x, y
+
+
+def test_indexed_and_cached_client_data_equals_uncached(job: P.Job) -> None:
+    for k in range(CLIENTS):
+        idx, labeled, x, y = _uncached_client(job, k)
+        got_idx, got_labeled = load_client(job.partition_dir, k)
+        assert np.array_equal(got_idx, idx) and np.array_equal(got_labeled, labeled)
+        for _ in range(2):  # the first call fills the caches, the second reads them
+            data = load_client_data(str(job.staged_dir), str(job.partition_dir), k)
+            assert np.array_equal(data.x, x[labeled]) and np.array_equal(data.y, y[labeled])
+            assert np.array_equal(data.x_unlabeled, x[~labeled])
+    assert load_staged(job.staged_dir) is load_staged(job.staged_dir)  # opened once per file state
+
+
+def test_discovery_without_data_gives_the_clients_mapping_and_counts(job: P.Job) -> None:
+    """The counts the server derives from the partition equal what every client used to report: the
+    class counts of its labeled samples (the data it trains on)."""
+    expected = np.stack(
+        [
+            load_client_data(str(job.staged_dir), str(job.partition_dir), k).class_counts(
+                job.config.num_classes
+            )
+            for k in range(CLIENTS)
+        ]
+    )
+    assert expected.sum() < sum(len(_uncached_client(job, k)[0]) for k in range(CLIENTS))  # some unlabeled
+    y_train = load_staged(job.staged_dir).y_train
+    assert np.array_equal(labeled_class_counts(job.partition_dir, y_train, job.config.num_classes), expected)
+    set_server_identity()
+    grid = InProcessGrid("clients.app:app", num_nodes=CLIENTS)
+    node_of, counts = discover_clients(grid, job, timeout=60)
+    assert node_of == {k: 1000 + k for k in range(CLIENTS)}
+    assert np.array_equal(counts, expected)
+
+
+def _train_message(grid: InProcessGrid, job: P.Job, node: int, arrays: ArrayRecord):
+    config = ConfigRecord(
+        {
+            P.JOB: job.to_json(),
+            P.TASK: 0,
+            "task-classes": list(range(job.config.num_classes)),
+            "seen-classes": list(range(job.config.num_classes)),
+            P.CLASS_PRIOR: [0.1] * job.config.num_classes,
+            P.GLOBAL_ROUND: 1,
+        }
+    )
+    content = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
+    return grid.create_message(content, MessageType.TRAIN, node, "1")
+
+
+def test_reused_client_model_gives_the_same_update_as_a_fresh_one(job: P.Job) -> None:
+    cfg = job.config
+    shape = tuple(np.load(job.staged_dir / "x_train.npy", mmap_mode="r").shape[1:])
+    start = to_arrays(build_model(cfg.model_name(), shape, cfg.num_classes, cfg.model.hidden, seed=3))
+    set_server_identity()
+    grid = InProcessGrid("clients.app:app", num_nodes=CLIENTS)
+
+    def update(node: int) -> dict[str, np.ndarray]:
+        (reply,) = grid.send_and_receive([_train_message(grid, job, node, start)])
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        return {k: v.numpy() for k, v in reply.content[P.ARRAYS].items()}
+
+    update(1001)  # leaves the worker thread's model trained on client 1
+    reused = update(1000)
+    grid.close()  # a fresh worker thread: a freshly built model
+    fresh = update(1000)
+    assert reused.keys() == fresh.keys()
+    assert all(np.array_equal(reused[k], fresh[k]) for k in reused)
+    grid.close()
+
+
+def test_global_model_is_built_only_when_used_and_is_the_received_one() -> None:
+    model = build_model("mlp", (64,), 10, 16, 0)
+    received = copy.deepcopy(model)
+    calls = []
+    ctx = _ctx(model)
+    ctx.global_model_fn = lambda: calls.append(1) or copy.deepcopy(received)
+    train_local(ctx, *_toy())
+    assert calls == []  # plain cross-entropy never looks at it
+    frozen = ctx.global_model
+    assert ctx.global_model is frozen and calls == [1]
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(frozen.parameters(), received.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(frozen.parameters(), model.parameters(), strict=True))
+
+
+def test_client_app_module_keeps_one_model_per_thread_and_shape(job: P.Job) -> None:
+    arrays = to_arrays(build_model("mlp", (64,), job.config.num_classes, job.config.model.hidden, 0))
+    first = client_app._model(job, arrays)
+    assert client_app._model(job, arrays) is first
+
+
+def _random_replies(rng: np.random.Generator, n: int) -> list[RecordDict]:
+    shapes = {"w": (5, 3), "b": (3,), "scalar": ()}
+    return [
+        RecordDict(
+            {
+                "arrays": ArrayRecord(
+                    {
+                        k: Array(
+                            np.asarray(rng.normal(size=s) * 10.0 ** rng.integers(-3, 3), dtype=np.float32)
+                        )
+                        for k, s in shapes.items()
+                    }
+                ),
+                "metrics": MetricRecord({P.NUM_EXAMPLES: int(rng.integers(1, 1000))}),
+            }
+        )
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_one_pass_weighted_mean_is_flowers_fedavg_bit_for_bit(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    replies = _random_replies(rng, int(rng.integers(1, 12)))
+    expected = aggregate_arrayrecords(replies, P.NUM_EXAMPLES)
+    got = weighted_mean(
+        [decode(r["arrays"]) for r in replies], [r["metrics"][P.NUM_EXAMPLES] for r in replies]
+    )
+    assert list(got.keys()) == list(expected.keys())
+    for key in expected:
+        a, b = got[key].numpy(), expected[key].numpy()
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), key
+
+
+def test_fedavg_strategy_takes_the_one_pass_path() -> None:
+    from strategies.fedavg import FedAvgStrategy
+
+    assert FedAvgStrategy._plain_fedavg_aggregation()
