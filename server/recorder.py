@@ -75,6 +75,7 @@ class RunRecorder:
         self.client_info: dict[int, dict] = {}
         self.client_states: dict[int, bytes] = {}
         self.resumed = False
+        self._csv_rows = 0  # rows of self.rows that rounds.csv holds, as written by this recorder
         self._load_checkpoint()
 
     # ---- resume ---------------------------------------------------------------------------------
@@ -127,8 +128,20 @@ class RunRecorder:
         io.write_with(self.run_dir / CHECKPOINT, lambda fh: torch.save(state, fh))
 
     def _write_rounds(self) -> None:
-        frame = pd.DataFrame(self.rows)
-        io.write_text(self.run_dir / "rounds.csv", frame.to_csv(index=False, float_format="%.6f"))
+        """Append the new rows to ``rounds.csv``; the first write of a recorder (a new run, or a resumed
+        one, whose file may hold rows past the checkpoint or a half-written row) replaces the whole file
+        atomically with the checkpoint's rows. Rewriting every row every round made long runs quadratic.
+        """
+        path = self.run_dir / "rounds.csv"
+        new = self.rows[self._csv_rows :]
+        same_columns = all(list(row) == list(self.rows[0]) for row in new)
+        if self._csv_rows == 0 or not same_columns or not path.is_file():
+            io.write_text(path, pd.DataFrame(self.rows).to_csv(index=False, float_format="%.6f"))
+        else:
+            text = pd.DataFrame(new).to_csv(index=False, header=False, float_format="%.6f")
+            with open(path, "a") as fh:
+                fh.write(text)
+        self._csv_rows = len(self.rows)
 
     def _write_matrix(self) -> None:
         t = self.schedule.num_tasks
