@@ -174,3 +174,99 @@ def test_fedavg_strategy_takes_the_one_pass_path() -> None:
     from strategies.fedavg import FedAvgStrategy
 
     assert FedAvgStrategy._plain_fedavg_aggregation()
+
+
+def _row(i: int) -> dict:
+    nan = float("nan")
+    return {
+        "task": 0,
+        "round": i,
+        "num_sampled": 3,
+        "train_loss": nan if i == 2 else 1 / (i + 3),
+        "acc": i / 7,
+    }
+
+
+def test_rounds_csv_appended_equals_rewritten_and_resume_drops_a_half_row(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from fedtail.tasks import make_schedule
+    from server.recorder import RunRecorder
+
+    cfg = smoke_config(tmp_path)
+    schedule = make_schedule(cfg.num_classes, None, shuffle=False, seed=0)
+    arrays = to_arrays(build_model("mlp", (64,), 10, 4, 0))
+    recorder = RunRecorder(tmp_path, cfg, schedule)
+    for i in range(1, 5):
+        recorder.record_round(_row(i), arrays, {}, {})
+    rows = [_row(i) for i in range(1, 5)]
+    expected = pd.DataFrame(rows).to_csv(index=False, float_format="%.6f")
+    assert (tmp_path / "rounds.csv").read_text() == expected
+    # a crash in the middle of an append leaves half a row; resuming rewrites the file from the checkpoint
+    with open(tmp_path / "rounds.csv", "a") as fh:
+        fh.write("0,5,3,0.12")
+    resumed = RunRecorder(tmp_path, cfg, schedule)
+    assert resumed.resumed and len(resumed.rows) == 4
+    resumed.record_round(_row(5), arrays, {}, {})
+    rows.append(_row(5))
+    assert (tmp_path / "rounds.csv").read_text() == pd.DataFrame(rows).to_csv(
+        index=False, float_format="%.6f"
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.array(2.5),
+        np.zeros((0, 3), np.float32),
+        np.arange(5, dtype=">i8"),
+        np.array([True, False]),
+        np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+        np.arange(6, dtype=np.float16).reshape(3, 2)[::2],
+    ],
+    ids=["f32", "0d", "empty", "big-endian", "bool", "fortran", "strided"],
+)
+def test_decode_equals_flowers_array_numpy(value: np.ndarray) -> None:
+    array = Array(value)
+    got, expected = decode(ArrayRecord({"a": array}))["a"], array.numpy()
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert np.array_equal(got, expected) and got.tobytes() == expected.tobytes()
+    lying = Array(dtype="float64", shape=array.shape, stype=array.stype, data=array.data)  # header disagrees
+    if np.dtype(array.dtype) != np.float64:
+        assert (
+            decode(ArrayRecord({"a": lying}))["a"].dtype == expected.dtype
+        )  # np.load's reading of the bytes
+
+
+def test_copy_context_is_an_independent_deep_copy() -> None:
+    from flwr.app import Context
+
+    from clients.state import to_bytes
+    from fedtail.engines.inprocess import copy_context
+
+    state = RecordDict(
+        {
+            "c": ConfigRecord({"n": 3, "seen": [0, 1], "b": b"x", "s": "t"}),
+            "m": MetricRecord({"loss": [0.5, 0.25], "k": 2}),
+            "a": ArrayRecord({"w": Array(np.ones(3, np.float32))}),
+        }
+    )
+    original = Context(run_id=1, node_id=7, node_config={"partition-id": 2}, state=state, run_config={"x": 1})
+    copied = copy_context(original)
+    assert to_bytes(copied.state) == to_bytes(copy.deepcopy(original).state) == to_bytes(original.state)
+    assert (copied.run_id, copied.node_id, copied.node_config, copied.run_config) == (
+        1,
+        7,
+        {"partition-id": 2},
+        {"x": 1},
+    )
+    copied.state["c"]["seen"].append(2)
+    copied.state["m"]["loss"][0] = 9.0
+    copied.state["c"]["n"] = 4
+    copied.node_config["partition-id"] = 5
+    del copied.state["a"]
+    assert original.state["c"]["seen"] == [0, 1] and original.state["m"]["loss"] == [0.5, 0.25]
+    assert (
+        original.state["c"]["n"] == 3 and original.node_config["partition-id"] == 2 and "a" in original.state
+    )
