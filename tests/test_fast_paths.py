@@ -270,3 +270,26 @@ def test_copy_context_is_an_independent_deep_copy() -> None:
     assert (
         original.state["c"]["n"] == 3 and original.node_config["partition-id"] == 2 and "a" in original.state
     )
+
+
+def test_packed_client_states_round_trip_and_format_1_checkpoints_still_resume(tmp_path: Path) -> None:
+    import torch
+
+    from fedtail.tasks import make_schedule
+    from server.recorder import CHECKPOINT, RunRecorder, pack_states, unpack_states
+
+    states = {5: b"abc", 0: b"", 2: bytes(range(256))}
+    assert unpack_states(pack_states(states)) == states
+    assert unpack_states(pack_states({})) == {}
+    cfg = smoke_config(tmp_path)
+    schedule = make_schedule(cfg.num_classes, None, shuffle=False, seed=0)
+    arrays = to_arrays(build_model("mlp", (64,), 10, 4, 0))
+    RunRecorder(tmp_path, cfg, schedule).record_round(_row(1), arrays, {5: {"x": 1}}, states)
+    assert RunRecorder(tmp_path, cfg, schedule).client_states == states
+    old = torch.load(tmp_path / CHECKPOINT, weights_only=True)  # rewrite it as format 1 wrote it
+    old["format"] = 1
+    old["client_states"] = {
+        p: torch.frombuffer(bytearray(b), dtype=torch.uint8) for p, b in states.items() if b
+    }
+    torch.save(old, tmp_path / CHECKPOINT)
+    assert RunRecorder(tmp_path, cfg, schedule).client_states == {p: b for p, b in states.items() if b}
