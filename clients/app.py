@@ -117,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
         state["tasks-seen"] = [*state["tasks-seen"], task]
     content = RecordDict(
         {
-            P.ARRAYS: to_arrays(ctx.model.cpu()),
+            P.ARRAYS: to_arrays(ctx.model),
             P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: loss}),
             P.INFO: ConfigRecord(
                 {

@@ -10,13 +10,11 @@ checked before it can touch the global model.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 from typing import ClassVar, NamedTuple
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import SType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -24,6 +22,7 @@ from clients.state import split_state
 from clients.state import to_bytes as state_to_bytes
 from fedtail import protocol as P
 from fedtail.config import FedtailConfig
+from fedtail.models import array_to_numpy
 from fedtail.registry import PluginOptions
 
 log = logging.getLogger("fedtail.strategy")
@@ -54,29 +53,9 @@ def sample_partitions(
 Decoded = dict[str, np.ndarray]
 
 
-def _npy_view(array: Array) -> np.ndarray:
-    """``array.numpy()`` without parsing the ``.npy`` header with ``ast.literal_eval`` (most of its cost
-    for small arrays): when the header is exactly the one ``np.save`` writes for the Array's own dtype and
-    shape in C order, the data after it is read in place (read-only); anything else takes Flower's path."""
-    data = array.data
-    if array.stype == SType.NUMPY and data[:8] == b"\x93NUMPY\x01\x00":
-        length = int.from_bytes(data[8:10], "little")
-        try:
-            dtype = np.dtype(array.dtype)
-            descr, shape = np.lib.format.dtype_to_descr(dtype), tuple(array.shape)
-            header = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}".encode("latin1")
-        except (TypeError, ValueError):
-            header = None
-        if header is not None and data[10 : 10 + length].rstrip(b" \n") == header:
-            count = math.prod(array.shape)
-            if len(data) == 10 + length + count * dtype.itemsize:
-                return np.frombuffer(data, dtype, count=count, offset=10 + length).reshape(array.shape)
-    return array.numpy()
-
-
 def decode(update: ArrayRecord) -> Decoded:
     """The update's arrays as numpy (read-only), decoded once for both the checks and the average."""
-    return {key: _npy_view(array) for key, array in update.items()}
+    return {key: array_to_numpy(array) for key, array in update.items()}
 
 
 def check_update(pid: int, update: ArrayRecord | Decoded, reference: ArrayRecord) -> str | None:

@@ -17,7 +17,7 @@ from clients.local import load_client_data, train_local
 from fedtail import pipeline
 from fedtail import protocol as P
 from fedtail.engines.inprocess import InProcessGrid, set_server_identity
-from fedtail.models import build_model, to_arrays
+from fedtail.models import build_model, load_arrays, to_arrays
 from fedtail.partition import labeled_class_counts, load_client
 from fedtail.staging import load_staged
 from server.app import discover_clients
@@ -228,15 +228,21 @@ def test_rounds_csv_appended_equals_rewritten_and_resume_drops_a_half_row(tmp_pa
     ids=["f32", "0d", "empty", "big-endian", "bool", "fortran", "strided"],
 )
 def test_decode_equals_flowers_array_numpy(value: np.ndarray) -> None:
+    """`array_to_numpy` (used by `decode` on the server and `load_arrays` in the clients)."""
     array = Array(value)
     got, expected = decode(ArrayRecord({"a": array}))["a"], array.numpy()
     assert got.dtype == expected.dtype and got.shape == expected.shape
     assert np.array_equal(got, expected) and got.tobytes() == expected.tobytes()
     lying = Array(dtype="float64", shape=array.shape, stype=array.stype, data=array.data)  # header disagrees
-    if np.dtype(array.dtype) != np.float64:
-        assert (
-            decode(ArrayRecord({"a": lying}))["a"].dtype == expected.dtype
-        )  # np.load's reading of the bytes
+    if np.dtype(array.dtype) != np.float64:  # the bytes are read as np.load reads them
+        assert decode(ArrayRecord({"a": lying}))["a"].dtype == expected.dtype
+
+
+def test_load_arrays_loads_exactly_the_arrays() -> None:
+    model = torch.nn.Linear(3, 2)
+    arrays = ArrayRecord({k: Array(v.detach().numpy() + 1) for k, v in model.state_dict().items()})
+    load_arrays(model, arrays)
+    assert all(np.array_equal(v.detach().numpy(), arrays[k].numpy()) for k, v in model.state_dict().items())
 
 
 def test_copy_context_is_an_independent_deep_copy() -> None:
