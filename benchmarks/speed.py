@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import platform
 import resource
@@ -145,7 +146,7 @@ def plain_loop(cfg: FedtailConfig, staged: Path, parts: Path) -> dict:
     meta = json.loads((staged / "meta.json").read_text())
     model = build_model(cfg.model_name(), meta["input_shape"], cfg.num_classes, cfg.model.hidden, cfg.seed)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    accuracy, rss = [], []
+    accuracy, rss, ends = [], [], []
     for rnd in range(1, cfg.federation.rounds_per_task + 1):
         pids = sample_partitions(
             n_clients, cfg.federation.fraction_train, cfg.federation.min_train_clients, cfg.seed, rnd
@@ -185,23 +186,34 @@ def plain_loop(cfg: FedtailConfig, staged: Path, parts: Path) -> dict:
             pred = torch.cat([model(x_test[i : i + 2048]).argmax(1) for i in range(0, len(x_test), 2048)])
         accuracy.append(float((pred.numpy() == y_test).mean()))
         rss.append(_rss_mb())
+        ends.append(time.perf_counter() - start)
     return {
         "seconds": time.perf_counter() - start,
         "final_accuracy": round(accuracy[-1], 6),
         "rss_mb_per_round": rss,
+        "round_end_seconds": ends,
     }
 
 
 # ---- fedtail ----------------------------------------------------------------------------------------
 def fedtail_run(cfg: FedtailConfig, staged: Path, parts: Path, root: Path) -> dict:
     rss: list[float] = []
+    ends: list[float] = []
     start = time.perf_counter()
-    run_dir = pipeline.simulate(
-        cfg, staged, parts, pipeline.new_run_dir(cfg, root), on_round=lambda _: rss.append(_rss_mb())
-    )
+
+    def on_round(_: dict) -> None:
+        rss.append(_rss_mb())
+        ends.append(time.perf_counter() - start)
+
+    run_dir = pipeline.simulate(cfg, staged, parts, pipeline.new_run_dir(cfg, root), on_round=on_round)
     seconds = time.perf_counter() - start
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {"seconds": seconds, "final_accuracy": metrics["final_accuracy"], "rss_mb_per_round": rss}
+    return {
+        "seconds": seconds,
+        "final_accuracy": metrics["final_accuracy"],
+        "rss_mb_per_round": rss,
+        "round_end_seconds": ends,
+    }
 
 
 def _warm_torch() -> None:
@@ -253,9 +265,16 @@ def _summary(runs: list[dict]) -> dict:
     done = [r for r in runs if "seconds" in r]
     if not done:
         return {"runs": runs}
+    per_round = [
+        statistics.median(b - a for a, b in itertools.pairwise(r["round_end_seconds"]))
+        for r in done
+        if len(r.get("round_end_seconds", [])) > 1
+    ]
     return {
         "runs": runs,
         "median_seconds": statistics.median(r["seconds"] for r in done),
+        "median_round_seconds": statistics.median(per_round) if per_round else None,
+        "first_round_end_seconds": statistics.median(r.get("round_end_seconds", [0.0])[0] for r in done),
         "final_accuracy": done[0]["final_accuracy"],
         "peak_rss_mb": max(r["peak_rss_mb"]["self"] for r in done),
     }
@@ -369,8 +388,8 @@ def markdown(result: dict) -> str:
         "Medians of the repeats; every run in a fresh process.",
         "",
         "| workload (clients x rounds) | share | plain loop s | fedtail s | ratio "
-        "| final acc plain / fedtail | fedtail peak RSS MB | RSS growth MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| final acc plain / fedtail | s per round plain / fedtail | fedtail peak RSS MB | RSS growth MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in result["workloads"].items():
         if name.startswith("workers-"):
@@ -386,8 +405,14 @@ def markdown(result: dict) -> str:
         ratio = f"{e['ratio_fedtail_over_plain']:.2f}x" if "ratio_fedtail_over_plain" in e else "-"
         acc = f"{p.get('final_accuracy', '-')} / {f.get('final_accuracy', '-')}"
         growth = e.get("fedtail_rss_growth_mb")
+
+        def per_round(s: dict) -> str:
+            value = s.get("median_round_seconds")
+            return "-" if value is None else f"{value:.3f}"
+
         lines.append(
             f"| {name} | {share:.0%} | {secs(p)} | {secs(f)} | {ratio} | {acc} | "
+            f"{per_round(p)} / {per_round(f)} | "
             f"{f.get('peak_rss_mb', float('nan')):.0f} | {'-' if growth is None else f'{growth:.1f}'} |"
         )
     for name, e in result["workloads"].items():
