@@ -101,7 +101,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
     meta = staged_meta(job.staged_dir)
     device = resolve_device(cfg.engine.device)
     model = build_model(cfg.model_name(), meta["input_shape"], cfg.num_classes, cfg.model.hidden, cfg.seed)
-    evaluator = Evaluator(model, load_staged(job.staged_dir), device)
+    evaluator = Evaluator(model, load_staged(job.staged_dir), device, threads=cfg.engine.threads_per_client)
     node_of, counts = discover_clients(grid, job, cfg.engine.timeout)
     prior = counts.sum(axis=0) / max(int(counts.sum()), 1)
     recorder = RunRecorder(run_dir, cfg, schedule)

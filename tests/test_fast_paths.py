@@ -299,3 +299,25 @@ def test_packed_client_states_round_trip_and_format_1_checkpoints_still_resume(t
     }
     torch.save(old, tmp_path / CHECKPOINT)
     assert RunRecorder(tmp_path, cfg, schedule).client_states == {p: b for p, b in states.items() if b}
+
+
+def test_server_evaluation_runs_with_the_clients_thread_count_and_restores_it() -> None:
+    from fedtail.datasets.base import Splits
+    from server.evaluation import Evaluator
+
+    seen_threads = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen_threads.append(torch.get_num_threads())
+            return torch.zeros(len(x), 3)
+
+    x, y = np.zeros((5, 2), np.float32), np.array([0, 1, 2, 0, 1])
+    evaluator = Evaluator(Probe(), Splits(x, y, x, y), torch.device("cpu"), threads=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        evaluator.predict(ArrayRecord(), [0, 1, 2])
+        assert seen_threads == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
