@@ -24,9 +24,11 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-## bench: in-process vs Ray engine and the main job's wall time -> benchmarks/results/
+## bench: in-process vs Ray engine and the main job's wall time, then the in-process engine vs a
+## hand-written loop at 20..10,000 clients (tens of minutes) -> benchmarks/results/
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/engines.py
+	$(BIN)/python benchmarks/speed.py
 
 ## clean: the rebuildable caches only (staged arrays, partitions); run folders hold results and stay
 clean:

@@ -1,19 +1,21 @@
 """The fedtail ClientApp (Flower Message API).
 
-``query``: report this node's partition id and class counts once (the server derives the global class
-prior from them); it leaves the persistent state alone, which only training changes. ``train``: train the
-received global model on this client's samples of the current task's classes and return the update.
-Persistent per-client state lives in ``context.state``; the `persist_state` mod carries it into the
-server's checkpoints and back on resume.
+``query``: report this node's partition id once (the server maps partitions to nodes with it); it
+leaves the persistent state alone, which only training changes. ``train``: train the received global
+model on this client's samples of the current task's classes and return the update. Persistent
+per-client state lives in ``context.state``; the `persist_state` mod carries it into the server's
+checkpoints and back on resume.
 """
 
 from __future__ import annotations
 
-import copy
+import functools
+import threading
+from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.local import ClientData, LocalContext, load_client_data, train_local
@@ -28,10 +30,43 @@ app = ClientApp(mods=[persist_state])  # context.state travels into checkpoints
 
 
 def _job_and_data(msg: Message, context: Context) -> tuple[P.Job, int, ClientData]:
-    job = P.Job.from_json(str(msg.content[P.CONFIG][P.JOB]))
+    job = P.parse_job(str(msg.content[P.CONFIG][P.JOB]))
     pid = int(context.node_config[P.NODE_PARTITION_ID])
     data = load_client_data(str(job.staged_dir), str(job.partition_dir), pid)
     return job, pid, data
+
+
+@functools.lru_cache(maxsize=8)
+def _input_shape(staged_dir: str) -> tuple[int, ...]:
+    return tuple(staged_meta(Path(staged_dir))["input_shape"])
+
+
+_local = threading.local()  # per thread: an abandoned (timed-out) call never shares a model with the next
+
+
+def _fresh_model(job: P.Job, arrays: ArrayRecord) -> torch.nn.Module:
+    cfg = job.config
+    shape = _input_shape(str(job.staged_dir))
+    return load_arrays(
+        build_model(cfg.model_name(), shape, cfg.num_classes, cfg.model.hidden, cfg.seed), arrays
+    )
+
+
+def _model(job: P.Job, arrays: ArrayRecord) -> torch.nn.Module:
+    """The configured model holding ``arrays``: one instance per thread and shape, reused across calls
+    (building and seeding a fresh one per message cost more than small clients' training). Every
+    parameter and buffer is overwritten from ``arrays`` (strict), so reuse changes no result."""
+    cfg = job.config
+    shape = _input_shape(str(job.staged_dir))
+    key = (cfg.model_name(), shape, cfg.num_classes, cfg.model.hidden)
+    models = _local.__dict__.setdefault("models", {})
+    model = models.get(key)
+    if model is None:
+        model = models[key] = build_model(key[0], shape, cfg.num_classes, cfg.model.hidden, cfg.seed)
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    return load_arrays(model, arrays)
 
 
 def _client_state(context: Context) -> ConfigRecord:
@@ -42,11 +77,9 @@ def _client_state(context: Context) -> ConfigRecord:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    job, pid, data = _job_and_data(msg, context)
-    counts = data.class_counts(job.config.num_classes)
-    info = ConfigRecord(
-        {P.PARTITION_ID: pid, P.CLASS_COUNTS: counts.tolist(), "num-unlabeled": len(data.x_unlabeled)}
-    )
+    """This node's partition id, read from its node config (no data is loaded: the server takes the
+    class counts from the partition folder it already has)."""
+    info = ConfigRecord({P.PARTITION_ID: int(context.node_config[P.NODE_PARTITION_ID])})
     return Message(RecordDict({P.INFO: info}), reply_to=msg)
 
 
@@ -55,13 +88,10 @@ def train(msg: Message, context: Context) -> Message:
     job, pid, data = _job_and_data(msg, context)
     cfg = job.config
     conf = msg.content[P.CONFIG]
-    torch.set_num_threads(cfg.engine.threads_per_client)
-    meta = staged_meta(job.staged_dir)
-    model = build_model(cfg.model_name(), meta["input_shape"], cfg.num_classes, cfg.model.hidden, cfg.seed)
-    load_arrays(model, msg.content[P.ARRAYS])
-    global_model = copy.deepcopy(model).eval()
-    for p in global_model.parameters():
-        p.requires_grad_(False)
+    if torch.get_num_threads() != cfg.engine.threads_per_client:
+        torch.set_num_threads(cfg.engine.threads_per_client)
+    received = msg.content[P.ARRAYS]
+    model = _model(job, received)
     task = int(conf[P.TASK])
     task_classes = [int(c) for c in conf["task-classes"]]
     state = _client_state(context)
@@ -75,7 +105,7 @@ def train(msg: Message, context: Context) -> Message:
         class_prior=np.asarray(conf[P.CLASS_PRIOR], dtype=np.float64),
         class_counts=data.class_counts(cfg.num_classes),
         model=model,
-        global_model=global_model,
+        global_model_fn=lambda: _fresh_model(job, received),
         state=context.state,
         device=resolve_device(cfg.engine.device),
         options=dict(cfg.train.options),
@@ -87,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
         state["tasks-seen"] = [*state["tasks-seen"], task]
     content = RecordDict(
         {
-            P.ARRAYS: to_arrays(ctx.model.cpu()),
+            P.ARRAYS: to_arrays(ctx.model),
             P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: loss}),
             P.INFO: ConfigRecord(
                 {

@@ -6,6 +6,7 @@ Plain functions over a `LocalContext`, testable without Flower; `clients.app` on
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,20 @@ class LocalContext:
     class_prior: np.ndarray
     class_counts: np.ndarray
     model: nn.Module
-    global_model: nn.Module
+    global_model_fn: Callable[[], nn.Module]
+    """Builds the frozen copy of the received global model; called on first use of `global_model`."""
     state: RecordDict
     device: torch.device
     options: dict[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def global_model(self) -> nn.Module:
+        """The received global model, frozen (eval mode, no gradients). Built on first use, so only the
+        objectives and continual methods that look at it (proximal terms, distillation) pay for it."""
+        model = self.global_model_fn().eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,10 @@ class ClientData:
 
 @functools.lru_cache(maxsize=64)
 def load_client_data(staged_dir: str, partition_dir: str, partition_id: int) -> ClientData:
-    """Read (and cache per process) one client's samples from the staged arrays and its partition."""
+    """Read (and cache per process) one client's samples from the staged arrays and its partition.
+
+    A miss costs O(the client's samples): the staged arrays stay memory-mapped and the partition indexed
+    per process (`load_staged`, `fedtail.partition.partition_index`)."""
     splits = load_staged(Path(staged_dir))
     idx, labeled = load_client(Path(partition_dir), partition_id)
     x = np.asarray(splits.x_train[idx], dtype=np.float32)

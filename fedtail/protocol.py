@@ -7,6 +7,7 @@ unchanged in-process, on Ray, and under ``flwr run``.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,6 @@ INFO = "info"
 # ConfigRecord / MetricRecord entries
 JOB = "job"
 PARTITION_ID = "partition-id"
-CLASS_COUNTS = "class-counts"
 CLASS_PRIOR = "class-prior"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
@@ -59,3 +59,11 @@ class Job:
         data: dict[str, Any] = json.loads(text)
         config = build_config(data["config"], schedule=False)  # checked by the driver; never schedules
         return cls(config, Path(data["staged_dir"]), Path(data["partition_dir"]))
+
+
+@functools.lru_cache(maxsize=8)
+def parse_job(text: str) -> Job:
+    """`Job.from_json`, cached per process: every message of a run carries the same JSON, and
+    validating the whole config again for each one cost more than a small client's training. The
+    cached Job is shared: callers must treat it (and its config) as read-only."""
+    return Job.from_json(text)

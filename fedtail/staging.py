@@ -516,9 +516,26 @@ def staged_meta(staged_dir: Path) -> dict[str, Any]:
     return json.loads((Path(staged_dir) / "meta.json").read_text())
 
 
+_opened: dict[str, tuple[tuple, Splits]] = {}
+
+
+def _staged_signature(folder: str) -> tuple | None:
+    try:
+        stats = [os.stat(os.path.join(folder, n)) for n in ("meta.json", *STAGED_FILES)]
+    except FileNotFoundError:
+        return None
+    return tuple((s.st_size, s.st_mtime_ns, s.st_ino) for s in stats)
+
+
 def load_staged(staged_dir: Path, mmap: bool = True) -> Splits:
     """The staged splits, checked against the sha256s in ``meta.json`` (once per process and file state);
-    memory-mapped read-only by default so client processes share the pages."""
+    memory-mapped read-only by default so client processes share the pages. The read-only maps are opened
+    once per process and file state too: clients load their data every round."""
+    key = os.path.abspath(staged_dir)
+    signature = _staged_signature(key) if mmap else None
+    hit = _opened.get(key)
+    if signature is not None and hit is not None and hit[0] == signature:
+        return hit[1]
     problems = staged_problems(staged_dir)
     if problems:
         raise DataIntegrityError(
@@ -527,8 +544,10 @@ def load_staged(staged_dir: Path, mmap: bool = True) -> Splits:
             "config), which stages them again from the versioned raw data."
         )
     mode = "r" if mmap else None
-    arrays = [np.load(Path(staged_dir) / name, mmap_mode=mode) for name in STAGED_FILES]
-    return Splits(*arrays)
+    splits = Splits(*[np.load(Path(staged_dir) / name, mmap_mode=mode) for name in STAGED_FILES])
+    if signature is not None:
+        _opened[key] = (signature, splits)
+    return splits
 
 
 # ---- DVC set-up ------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from fedtail import io, runs
 from fedtail import protocol as P
 from fedtail.config import check_paths, from_run_config, parse_override_list
 from fedtail.models import build_model, resolve_device, to_arrays
-from fedtail.partition import load_schedule
+from fedtail.partition import labeled_class_counts, load_schedule
 from fedtail.registry import STRATEGIES
 from fedtail.staging import load_staged, staged_meta
 from server.evaluation import Evaluator
@@ -37,9 +37,11 @@ OnRound = Callable[[dict], None]
 
 
 def discover_clients(grid: Grid, job: P.Job, timeout: float) -> tuple[dict[int, int], np.ndarray]:
-    """Ask every node once for its partition id and class counts (a QUERY message).
+    """Ask every node once for its partition id (a QUERY message; nodes load no data for it).
 
-    Returns ``{partition_id: node_id}`` and the clients x classes count matrix.
+    Returns ``{partition_id: node_id}`` and the clients x classes counts of the samples each client
+    trains on (its labeled ones), taken from the partition folder: the same numbers the clients would
+    report, without loading every client's data before round 1.
     """
     n = job.config.federation.num_clients
     deadline = time.monotonic() + timeout
@@ -56,19 +58,15 @@ def discover_clients(grid: Grid, job: P.Job, timeout: float) -> tuple[dict[int, 
     if errors or len(replies) != len(node_ids):
         raise RuntimeError(f"client discovery failed ({len(replies)}/{len(node_ids)} replies): {errors[:3]}")
     node_of: dict[int, int] = {}
-    counts = np.zeros((n, job.config.num_classes), dtype=np.int64)
     for reply in replies:
-        info = reply.content[P.INFO]
-        pid = int(info[P.PARTITION_ID])
-        node_of[pid] = reply.metadata.src_node_id
-        if 0 <= pid < n:
-            counts[pid] = np.asarray(info[P.CLASS_COUNTS], dtype=np.int64)
+        node_of[int(reply.content[P.INFO][P.PARTITION_ID])] = reply.metadata.src_node_id
     if sorted(node_of) != list(range(n)):
         raise ValueError(
             f"federation.num_clients={n} but the connected nodes hold partitions {sorted(node_of)}; "
             "run exactly one node per client (flwr: options.num-supernodes)"
         )
-    return node_of, counts
+    y_train = load_staged(job.staged_dir).y_train
+    return node_of, labeled_class_counts(job.partition_dir, y_train, job.config.num_classes)
 
 
 def restore_client_states(
@@ -103,7 +101,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
     meta = staged_meta(job.staged_dir)
     device = resolve_device(cfg.engine.device)
     model = build_model(cfg.model_name(), meta["input_shape"], cfg.num_classes, cfg.model.hidden, cfg.seed)
-    evaluator = Evaluator(model, load_staged(job.staged_dir), device)
+    evaluator = Evaluator(model, load_staged(job.staged_dir), device, threads=cfg.engine.threads_per_client)
     node_of, counts = discover_clients(grid, job, cfg.engine.timeout)
     prior = counts.sum(axis=0) / max(int(counts.sum()), 1)
     recorder = RunRecorder(run_dir, cfg, schedule)

@@ -23,16 +23,38 @@ class Evaluator:
     """Scores ArrayRecords with one reusable model instance on the test split."""
 
     def __init__(
-        self, model: nn.Module, splits: Splits, device: torch.device, batch_size: int = 2048
+        self,
+        model: nn.Module,
+        splits: Splits,
+        device: torch.device,
+        batch_size: int = 2048,
+        threads: int | None = None,
     ) -> None:
         self.model = model.to(device).eval()
         self.device = device
+        self.threads = threads
         self.x = torch.from_numpy(np.array(splits.x_test, dtype=np.float32))  # own copy, not the mmap
         self.y = np.asarray(splits.y_test, dtype=np.int64)
         self.batch_size = batch_size
 
-    @torch.no_grad()
     def predict(self, arrays: ArrayRecord, seen: Sequence[int]) -> np.ndarray:
+        """Predictions among ``seen``, computed with ``threads`` torch threads (None: torch's default).
+
+        The server evaluates between rounds, in the process whose clients run with
+        ``engine.threads_per_client`` threads; torch's default (every core) made each evaluation of a
+        small model cost more than a round of training on a busy machine (threads spin while waiting).
+        """
+        before = torch.get_num_threads()
+        if self.threads is not None and self.threads != before:
+            torch.set_num_threads(self.threads)
+        try:
+            return self._predict(arrays, seen)
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
+
+    @torch.no_grad()
+    def _predict(self, arrays: ArrayRecord, seen: Sequence[int]) -> np.ndarray:
         load_arrays(self.model, arrays)
         seen_t = torch.as_tensor(list(seen), device=self.device)
         preds = []

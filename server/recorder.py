@@ -22,7 +22,8 @@ from fedtail.metrics import (
 from fedtail.tasks import TaskSchedule
 
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # 1: one tensor per client state; 2: the states packed into one tensor
 
 
 _UNUSABLE = "fedtail never writes such a file itself; restore it, or start the run again with --overwrite"
@@ -42,7 +43,7 @@ def read_checkpoint(run_dir: Path, cfg: FedtailConfig) -> dict | None:
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
         first = str(err).split(". ")[0]
         raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {first}); {_UNUSABLE}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{path} is not a fedtail checkpoint (format {CHECKPOINT_FORMAT}); {_UNUSABLE}")
     if state["config_fingerprint"] != cfg.experiment_fingerprint():
         raise CheckpointError(
@@ -54,6 +55,25 @@ def read_checkpoint(run_dir: Path, cfg: FedtailConfig) -> dict | None:
 
 def _bytes_tensor(blob: bytes) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).copy())
+
+
+def pack_states(states: dict[int, bytes]) -> dict[str, torch.Tensor]:
+    """Every client's serialised state in three tensors (ids, sizes, bytes): saving one tensor per
+    client made each round's checkpoint cost grow with the clients that ever trained."""
+    pids = sorted(states)
+    return {
+        "pids": torch.tensor(pids, dtype=torch.int64),
+        "sizes": torch.tensor([len(states[p]) for p in pids], dtype=torch.int64),
+        "bytes": _bytes_tensor(b"".join(states[p] for p in pids)),
+    }
+
+
+def unpack_states(packed: dict[str, torch.Tensor]) -> dict[int, bytes]:
+    blob = packed["bytes"].numpy().tobytes()
+    ends = np.cumsum(packed["sizes"].numpy())
+    starts = ends - packed["sizes"].numpy()
+    pids = packed["pids"].tolist()
+    return {pid: blob[a:b] for pid, a, b in zip(pids, starts.tolist(), ends.tolist(), strict=True)}
 
 
 class RunRecorder:
@@ -75,6 +95,7 @@ class RunRecorder:
         self.client_info: dict[int, dict] = {}
         self.client_states: dict[int, bytes] = {}
         self.resumed = False
+        self._csv_rows = 0  # rows of self.rows that rounds.csv holds, as written by this recorder
         self._load_checkpoint()
 
     # ---- resume ---------------------------------------------------------------------------------
@@ -88,7 +109,11 @@ class RunRecorder:
         self.tasks_done = int(state["tasks_done"])
         self.arrays = None if state["arrays"] is None else ArrayRecord(state["arrays"])
         self.client_info = dict(state["client_info"])
-        self.client_states = {pid: t.numpy().tobytes() for pid, t in state["client_states"].items()}
+        states = state["client_states"]
+        if "pids" in states:  # format 2
+            self.client_states = unpack_states(states)
+        else:
+            self.client_states = {pid: t.numpy().tobytes() for pid, t in states.items()}
 
     @property
     def rounds_done(self) -> int:
@@ -122,13 +147,25 @@ class RunRecorder:
             "tasks_done": self.tasks_done,
             "arrays": None if self.arrays is None else self.arrays.to_torch_state_dict(),
             "client_info": self.client_info,
-            "client_states": {pid: _bytes_tensor(blob) for pid, blob in self.client_states.items()},
+            "client_states": pack_states(self.client_states),
         }
         io.write_with(self.run_dir / CHECKPOINT, lambda fh: torch.save(state, fh))
 
     def _write_rounds(self) -> None:
-        frame = pd.DataFrame(self.rows)
-        io.write_text(self.run_dir / "rounds.csv", frame.to_csv(index=False, float_format="%.6f"))
+        """Append the new rows to ``rounds.csv``; the first write of a recorder (a new run, or a resumed
+        one, whose file may hold rows past the checkpoint or a half-written row) replaces the whole file
+        atomically with the checkpoint's rows. Rewriting every row every round made long runs quadratic.
+        """
+        path = self.run_dir / "rounds.csv"
+        new = self.rows[self._csv_rows :]
+        same_columns = all(list(row) == list(self.rows[0]) for row in new)
+        if self._csv_rows == 0 or not same_columns or not path.is_file():
+            io.write_text(path, pd.DataFrame(self.rows).to_csv(index=False, float_format="%.6f"))
+        else:
+            text = pd.DataFrame(new).to_csv(index=False, header=False, float_format="%.6f")
+            with open(path, "a") as fh:
+                fh.write(text)
+        self._csv_rows = len(self.rows)
 
     def _write_matrix(self) -> None:
         t = self.schedule.num_tasks

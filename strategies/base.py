@@ -14,13 +14,15 @@ from collections.abc import Iterable
 from typing import ClassVar, NamedTuple
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 
 from clients.state import split_state
 from clients.state import to_bytes as state_to_bytes
 from fedtail import protocol as P
 from fedtail.config import FedtailConfig
+from fedtail.models import array_to_numpy
 from fedtail.registry import PluginOptions
 
 log = logging.getLogger("fedtail.strategy")
@@ -48,19 +50,44 @@ def sample_partitions(
     return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
 
 
-def check_update(pid: int, update: ArrayRecord, reference: ArrayRecord) -> str | None:
-    """Why a client's ArrayRecord can't be averaged into ``reference``, or None if it can."""
+Decoded = dict[str, np.ndarray]
+
+
+def decode(update: ArrayRecord) -> Decoded:
+    """The update's arrays as numpy (read-only), decoded once for both the checks and the average."""
+    return {key: array_to_numpy(array) for key, array in update.items()}
+
+
+def check_update(pid: int, update: ArrayRecord | Decoded, reference: ArrayRecord) -> str | None:
+    """Why a client's arrays can't be averaged into ``reference``, or None if it can."""
+    if not isinstance(update, dict):
+        update = decode(update)
     if set(update.keys()) != set(reference.keys()):
         missing = sorted(set(reference.keys()) - set(update.keys()))
         extra = sorted(set(update.keys()) - set(reference.keys()))
         return f"client {pid}: arrays differ from the global model (missing {missing}, unexpected {extra})"
     for key, ref in reference.items():
-        arr = update[key].numpy()
+        arr = update[key]
         if tuple(arr.shape) != tuple(ref.shape):
             return f"client {pid}: array {key!r} has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}"
         if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
             return f"client {pid}: array {key!r} contains NaN or Inf"
     return None
+
+
+def weighted_mean(updates: list[Decoded], weights: list[float]) -> ArrayRecord:
+    """FedAvg's weighted mean of decoded updates, computed exactly as Flower's `aggregate_arrayrecords`
+    does (same operations in the same order and precision, so the result is bit-identical; tested)."""
+    total = sum(weights)
+    out: Decoded = {}
+    for update, weight in zip(updates, weights, strict=True):
+        factor = weight / total
+        for key, value in update.items():
+            if key not in out:
+                out[key] = value * factor
+            else:
+                out[key] += value * factor
+    return ArrayRecord({key: Array(np.asarray(value)) for key, value in out.items()})
 
 
 class FedtailStrategy:
@@ -123,7 +150,7 @@ class FedtailStrategy:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        usable: list[tuple[int, Message]] = []
+        usable: list[tuple[int, Message, Decoded]] = []
         missing = len(self.last_sampled) - len(replies)
         failed = [f"{missing} sampled client(s) sent no reply within the timeout"] if missing > 0 else []
         rejected: list[str] = []
@@ -131,11 +158,11 @@ class FedtailStrategy:
             if msg.has_error():
                 failed.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
                 continue
-            pid, reason = self._accept(msg)
+            pid, reason, decoded = self._accept(msg)
             if reason:
                 rejected.append(reason)
             elif int(msg.content[P.METRICS][P.NUM_EXAMPLES]) > 0:
-                usable.append((pid, msg))
+                usable.append((pid, msg, decoded))
         n_failed = max(missing, 0) + sum(m.has_error() for m in replies)
         self.last_counts = RoundCounts(len(self.last_sampled), len(usable), n_failed, len(rejected))
         gr = self.global_round(server_round)
@@ -150,21 +177,39 @@ class FedtailStrategy:
             self.last_train_loss = float("nan")
             return None, None  # every sampled client had no data of this task: keep the model
         usable.sort(key=lambda item: item[0])
-        arrays, metrics = super().aggregate_train(server_round, [m for _, m in usable])
+        if self._plain_fedavg_aggregation():  # one pass over the arrays decoded for the checks
+            arrays = weighted_mean(
+                [d for _, _, d in usable], [m.content[P.METRICS][self.weighted_by_key] for _, m, _ in usable]
+            )
+            metrics = self.train_metrics_aggr_fn([m.content for _, m, _ in usable], self.weighted_by_key)
+        else:
+            arrays, metrics = super().aggregate_train(server_round, [m for _, m, _ in usable])
         if metrics is not None and P.TRAIN_LOSS in metrics:
             self.last_train_loss = float(metrics[P.TRAIN_LOSS])
         return arrays, metrics
 
-    def _accept(self, msg: Message) -> tuple[int, str | None]:
-        """Keep a reply's client state and info; say why its update can't be averaged, if it can't."""
+    @classmethod
+    def _plain_fedavg_aggregation(cls) -> bool:
+        """Whether the Flower strategy below this mixin aggregates with FedAvg's own `aggregate_train`
+        (then `weighted_mean` gives its result without decoding every update a second time)."""
+        mro = cls.__mro__
+        for klass in mro[mro.index(FedtailStrategy) + 1 :]:
+            if "aggregate_train" in vars(klass):
+                return klass is FedAvg
+        return False
+
+    def _accept(self, msg: Message) -> tuple[int, str | None, Decoded]:
+        """Keep a reply's client state and info; decode its update; say why it can't be averaged, if it
+        can't."""
         try:
             pid = int(msg.content[P.INFO][P.PARTITION_ID])
         except (KeyError, TypeError, ValueError):
-            return -1, f"node {msg.metadata.src_node_id}: reply carries no {P.INFO}.{P.PARTITION_ID}"
+            return -1, f"node {msg.metadata.src_node_id}: reply carries no {P.INFO}.{P.PARTITION_ID}", {}
         # the client trained, so its state moved on whether or not its update is used
         self.client_states[pid] = state_to_bytes(split_state(msg.content))
         self.client_info[pid] = dict(msg.content[P.INFO])
         if P.ARRAYS not in msg.content.array_records or P.METRICS not in msg.content.metric_records:
-            return pid, f"client {pid}: reply lacks its {P.ARRAYS!r} or {P.METRICS!r} record"
+            return pid, f"client {pid}: reply lacks its {P.ARRAYS!r} or {P.METRICS!r} record", {}
+        decoded = decode(msg.content[P.ARRAYS])
         reference = self._reference
-        return pid, None if reference is None else check_update(pid, msg.content[P.ARRAYS], reference)
+        return pid, None if reference is None else check_update(pid, decoded, reference), decoded

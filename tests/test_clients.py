@@ -23,6 +23,7 @@ from fedtail.protocol import Job
 
 def _ctx(model: torch.nn.Module, **train) -> LocalContext:
     cfg = build_config({"train": {"epochs": 3, "batch_size": 8, "lr": 0.01, **train}})
+    frozen = copy.deepcopy(model)
     return LocalContext(
         job=Job(cfg, Path("."), Path(".")),
         partition_id=0,
@@ -33,7 +34,7 @@ def _ctx(model: torch.nn.Module, **train) -> LocalContext:
         class_prior=np.full(10, 0.1),
         class_counts=np.zeros(10, dtype=np.int64),
         model=model,
-        global_model=copy.deepcopy(model),
+        global_model_fn=lambda: frozen,
         state=RecordDict(),
         device=torch.device("cpu"),
     )

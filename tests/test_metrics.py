@@ -87,3 +87,35 @@ def test_single_task_and_bad_matrix() -> None:
         forgetting(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="finite"):
         forgetting(np.array([[0.5, np.nan], [np.nan, 0.4]]))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_numpy_metrics_equal_sklearn_on_random_predictions(seed: int) -> None:
+    """The confusion-matrix metrics equal scikit-learn's (1e-12), also with predictions of classes
+    outside ``labels``, labels in any order and labels without test samples."""
+    rng = np.random.default_rng(seed)
+    n_classes = int(rng.integers(2, 12))
+    y_true = rng.integers(0, n_classes, size=int(rng.integers(1, 300)))
+    y_pred = np.where(rng.random(y_true.size) < 0.6, y_true, rng.integers(0, n_classes + 2, size=y_true.size))
+    labels = [int(c) for c in rng.permutation(n_classes)[: int(rng.integers(1, n_classes + 1))]]
+    if not np.isin(y_true, labels).any():
+        labels.append(int(y_true[0]))
+    m = classification_metrics(y_true, y_pred, labels)
+    keep = np.isin(y_true, labels)
+    t, p = y_true[keep], y_pred[keep]
+    recalls = recall_score(t, p, labels=labels, average=None, zero_division=np.nan)
+    assert m["accuracy"] == pytest.approx(accuracy_score(t, p), abs=1e-12)
+    assert m["balanced_accuracy"] == pytest.approx(float(np.nanmean(recalls)), abs=1e-12)
+    f1 = f1_score(t, p, labels=labels, average="macro", zero_division=0)
+    assert m["macro_f1"] == pytest.approx(f1, abs=1e-12)
+    expected = {c: float(r) for c, r in zip(labels, recalls, strict=True)}
+    assert m["per_class_recall"] == pytest.approx(expected, abs=1e-12, nan_ok=True)
+    tasks = [labels[: len(labels) // 2 + 1], labels]
+    assert task_accuracies(y_true, y_pred, tasks) == pytest.approx(
+        [accuracy_score(*(a[np.isin(y_true, task)] for a in (y_true, y_pred))) for task in tasks], abs=1e-12
+    )
+
+
+def test_negative_labels_are_refused() -> None:
+    with pytest.raises(ValueError, match=">= 0"):
+        classification_metrics([0, 1], [0, -1], labels=[0, 1])

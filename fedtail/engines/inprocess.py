@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Iterable
 from multiprocessing.connection import Connection, wait
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
@@ -52,6 +52,30 @@ def _finite(timeout: float | None) -> float | None:
 
 def timeout_reply(message: Message, timeout: float) -> Message:
     return error_reply(message, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, f"client timed out after {timeout:g}s")
+
+
+def _copy_record(record):
+    """An independent copy of one record: Config/MetricRecords hold scalars (immutable) and lists of them,
+    so copying the lists is enough; anything else goes through `copy.deepcopy`."""
+    if type(record) in (ConfigRecord, MetricRecord):
+        return type(record)({k: list(v) if isinstance(v, list) else v for k, v in record.items()})
+    return copy.deepcopy(record)
+
+
+def copy_context(context: Context) -> Context:
+    """What ``copy.deepcopy(context)`` gives, at a fraction of its cost (one copy per ClientApp call):
+    the configs are flat mappings of scalars, the state's records are copied one by one."""
+    state = RecordDict()
+    for key, record in context.state.items():
+        state[key] = _copy_record(record)
+    return Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=dict(context.node_config),
+        state=state,
+        run_config=dict(context.run_config),
+        series_id=context.series_id,
+    )
 
 
 def _process(ref: str, message: Message, context: Context) -> Result:
@@ -104,7 +128,7 @@ class ThreadRunner:
     def __call__(self, message: Message, context: Context) -> Result:
         if self._worker is None:
             self._worker = _ThreadWorker(self.ref)
-        self._worker.jobs.put((message, copy.deepcopy(context)))
+        self._worker.jobs.put((message, copy_context(context)))
         try:
             return self._worker.results.get(timeout=self.timeout)
         except queue.Empty:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +44,14 @@ __all__ = [
     "PartitionResult",
     "Partitioner",
     "apply_long_tail",
+    "PartitionIndex",
     "client_class_counts",
+    "labeled_class_counts",
     "load_client",
     "load_counts",
     "load_schedule",
     "long_tail_profile",
+    "partition_index",
     "partition_problems",
     "partition_labels",
     "split_labeled",
@@ -359,17 +363,79 @@ def _need(partition_dir: Path, name: str) -> Path:
     return path
 
 
-def load_client(partition_dir: Path, client_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted training-set indices of ``client_id`` and their labeled mask."""
+@dataclass(frozen=True, eq=False)
+class PartitionIndex:
+    """Every client's training-set indices, from one pass over ``assignment.npy``: loading a client then
+    costs O(its samples), not O(all samples) plus parsing ``stats.csv`` (O(clients)) each time."""
+
+    order: np.ndarray
+    """Training-set indices grouped by client, ascending within a client (dropped samples first)."""
+    bounds: np.ndarray
+    """Client ``k``'s indices are ``order[bounds[k]:bounds[k + 1]]``."""
+    labeled: np.ndarray
+    """The labeled mask per training sample."""
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.bounds) - 1
+
+    def client(self, client_id: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = self.order[self.bounds[client_id] : self.bounds[client_id + 1]]
+        return idx, self.labeled[idx]
+
+
+_INDEX_FILES = (MANIFEST_FILE, ASSIGNMENT_FILE, LABELED_FILE, STATS_FILE)
+_indexes: dict[str, tuple[tuple, PartitionIndex]] = {}
+
+
+def _signature(folder: str, names: tuple[str, ...]) -> tuple | None:
+    """Size, mtime and inode of the files (None if one is missing): a changed file changes it."""
+    try:
+        stats = [os.stat(os.path.join(folder, n)) for n in names]
+    except FileNotFoundError:
+        return None
+    return tuple((s.st_size, s.st_mtime_ns, s.st_ino) for s in stats)
+
+
+def partition_index(partition_dir: Path) -> PartitionIndex:
+    """The folder's `PartitionIndex`, built once per process and file state (files checked against the
+    ``DONE`` manifest when built; a file changed afterwards changes the state, so it is checked again)."""
+    key = os.path.abspath(partition_dir)
+    signature = _signature(key, _INDEX_FILES)
+    hit = _indexes.get(key)
+    if signature is not None and hit is not None and hit[0] == signature:
+        return hit[1]
     num_clients = load_counts(partition_dir).shape[0]  # an empty last client is absent from assignment
-    if not 0 <= client_id < num_clients:
-        raise IndexError(
-            f"client {client_id} out of range; {partition_dir} holds clients 0..{num_clients - 1}"
-        )
     assignment = np.load(_need(partition_dir, ASSIGNMENT_FILE))
     labeled = np.load(_need(partition_dir, LABELED_FILE))
-    idx = np.flatnonzero(assignment == client_id).astype(np.int64)
-    return idx, labeled[idx]
+    order = np.argsort(assignment, kind="stable").astype(np.int64)
+    bounds = np.searchsorted(assignment[order], np.arange(num_clients + 1))
+    index = PartitionIndex(order=order, bounds=bounds, labeled=labeled)
+    if signature is not None:
+        _indexes[key] = (signature, index)
+    return index
+
+
+def load_client(partition_dir: Path, client_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted training-set indices of ``client_id`` and their labeled mask."""
+    index = partition_index(partition_dir)
+    if not 0 <= client_id < index.num_clients:
+        raise IndexError(
+            f"client {client_id} out of range; {partition_dir} holds clients 0..{index.num_clients - 1}"
+        )
+    return index.client(client_id)
+
+
+def labeled_class_counts(partition_dir: Path, y_train: np.ndarray, num_classes: int) -> np.ndarray:
+    """clients x classes counts of each client's *labeled* samples (what a client trains on), from the
+    partition and the training labels in one pass, without loading any client's data."""
+    index = partition_index(partition_dir)
+    n = index.num_clients
+    idx = index.order[index.bounds[0] : index.bounds[-1]]
+    client = np.repeat(np.arange(n, dtype=np.int64), np.diff(index.bounds))
+    keep = index.labeled[idx]
+    y = np.asarray(y_train[idx[keep]], dtype=np.int64)
+    return np.bincount(client[keep] * num_classes + y, minlength=n * num_classes).reshape(n, num_classes)
 
 
 def load_schedule(partition_dir: Path) -> TaskSchedule:
