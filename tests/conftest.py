@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -46,6 +47,16 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     init_dvc(root)
     add_data(smoke_config(root), root)
     return root
+
+
+def as_terminal_job() -> None:
+    """``preexec_fn`` for a child that plays a terminal's foreground job: SIGINT back to its default.
+
+    A job started in the background by a non-interactive shell (as a CI runner may start the suite)
+    inherits SIGINT *ignored*, and Python then never raises KeyboardInterrupt; a terminal's foreground
+    job, which the Ctrl-C tests imitate, always has the default.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def smoke_config(root: Path, **overrides) -> FedtailConfig:

@@ -20,6 +20,8 @@ import psutil
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from tests.conftest import as_terminal_job
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
@@ -58,7 +60,14 @@ def start_run(project: Path, tmp_path: Path, prefect_home: Path) -> Iterator[Cal
             *overrides,
         ):
             cmd += ["--set", override]
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=as_terminal_job,
+        )
         started.append((proc, []))
         deadline = time.monotonic() + 240
         while not list((tmp_path / "runs").glob("*/checkpoint.pt")):

@@ -26,6 +26,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from tests.conftest import as_terminal_job
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 DEPLOYMENT = "fedtail-pipeline/serve-test"
@@ -132,7 +134,13 @@ def _serve(env: dict[str, str], project: Path, out: Path, log: Path) -> subproce
         f"output.runs_dir={out / 'runs'}",
     ]
     return subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=as_terminal_job,  # stopped with SIGINT like Ctrl-C in its terminal
     )
 
 
