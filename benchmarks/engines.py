@@ -17,29 +17,14 @@ import json
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO, make_project  # benchmarks/common.py; puts the project on sys.path
 
 from fedtail import io, pipeline  # noqa: E402
 from fedtail.config import load_config  # noqa: E402
-from fedtail.staging import add_data, init_dvc  # noqa: E402
-
-
-def _project(tmp: Path) -> Path:
-    def git(*args: str) -> None:
-        subprocess.run(["git", *args], cwd=tmp, check=True, capture_output=True)
-
-    git("init", "-q")
-    git("-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "--allow-empty", "-m", "init")
-    init_dvc(tmp)
-    add_data(load_config(REPO / "params.yaml", {"output.data_dir": str(tmp / "data")}), tmp)  # digits
-    return tmp
-
 
 WORKLOADS = {
     "tiny": (REPO / "configs" / "smoke.yaml", {"federation.num_clients": 5, "federation.rounds_per_task": 3}),
@@ -73,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     result: dict = {"machine": platform.platform(), "python": platform.python_version(), "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        root = _project(Path(tmp))
+        root = make_project(Path(tmp))
         for name, (config, overrides) in WORKLOADS.items():
             times: dict[str, list[float]] = {"inprocess": [], "ray": []}
             metrics = {}

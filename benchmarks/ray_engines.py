@@ -30,20 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import BASE, REPO, config, make_project  # benchmarks/common.py; puts the project on sys.path
 
 from fedtail import io, pipeline  # noqa: E402
-from fedtail.config import FedtailConfig, load_config  # noqa: E402
-from fedtail.staging import add_data, init_dvc  # noqa: E402
 
-BASE = {
-    "tasks.classes_per_task": None,
-    "train.epochs": 2,
-    "partition.method": "iid",
-    "partition.imbalance_factor": 1.0,
-    "engine.device": "cpu",
-}
 WORKLOADS = {  # name -> (clients, rounds, share sampled per round)
     "20x10": (20, 10, 0.5),
     "100x10": (100, 10, 0.1),
@@ -54,18 +44,6 @@ ENGINES = {  # label -> overrides
     "ray-actors": {"engine.name": "ray-actors"},
     "ray-actors-1": {"engine.name": "ray-actors", "engine.actors": 1},
 }
-
-
-def _config(root: Path, overrides: dict) -> FedtailConfig:
-    return load_config(
-        REPO / "params.yaml",
-        {
-            **overrides,
-            "output.data_dir": str(root / "data"),
-            "output.artifacts_dir": str(root / "artifacts"),
-            "output.runs_dir": str(root / "runs"),
-        },
-    )
 
 
 def _overrides(workload: str, engine: str) -> dict:
@@ -81,7 +59,7 @@ def _overrides(workload: str, engine: str) -> dict:
 
 def one(root: Path, workload: str, engine: str, run_id: str) -> dict:
     """One federation in this process: wall time, round end times, metrics."""
-    cfg = _config(root, {**_overrides(workload, engine), "output.run_id": run_id})
+    cfg = config(root, {**_overrides(workload, engine), "output.run_id": run_id})
     staged = pipeline.stage(cfg, root)
     parts = pipeline.partition(cfg, staged, root)
     ends: list[float] = []
@@ -144,17 +122,6 @@ def noop(calls: int = 10, rounds: int = 20) -> dict:
     return result
 
 
-def _project(tmp: Path) -> Path:
-    def git(*args: str) -> None:
-        subprocess.run(["git", *args], cwd=tmp, check=True, capture_output=True)
-
-    git("init", "-q")
-    git("-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "--allow-empty", "-m", "init")
-    init_dvc(tmp)
-    add_data(_config(tmp, {}), tmp)  # digits
-    return tmp
-
-
 def _measure(root: Path, workload: str, engine: str, run_id: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     args = [sys.executable, __file__, "--one", str(root), workload, engine, run_id]
@@ -193,7 +160,7 @@ def main() -> None:
     result["noop"] = json.loads(out.stdout.decode().strip().splitlines()[-1])
     print(json.dumps(result["noop"], indent=1), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        root = _project(Path(tmp))
+        root = make_project(Path(tmp))
         for name in args.only or WORKLOADS:
             clients, rounds, share = WORKLOADS[name]
             sampled = max(1, round(clients * share))

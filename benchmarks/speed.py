@@ -31,26 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import BASE, REPO, config, make_project  # benchmarks/common.py; puts the project on sys.path
 from torch.nn import functional as F  # noqa: E402
 
 from fedtail import io, pipeline  # noqa: E402
-from fedtail.config import FedtailConfig, load_config  # noqa: E402
-from fedtail.staging import add_data, init_dvc  # noqa: E402
+from fedtail.config import FedtailConfig  # noqa: E402
 
-# Plain FL (one task with every class), FedAvg, CE, 2 epochs, SGD, batch 32; IID client split without a
-# long tail so that even 1,000 digits clients each get data.
-BASE = {
-    "tasks.classes_per_task": None,
-    "train.epochs": 2,
-    "partition.method": "iid",
-    "partition.imbalance_factor": 1.0,
-    "engine.device": "cpu",
-}
 MNIST1D_70K = {"dataset.name": "mnist1d", "dataset.num_samples": 70000}
 
 
@@ -74,32 +62,6 @@ WORKLOADS: dict[str, tuple[dict, int, bool]] = {
 }
 # engine.workers 1 vs 2 on a workload where client training dominates
 WORKERS_WORKLOAD = ("100x10-mnist1d-all", _fl(100, 10, 1.0, **MNIST1D_70K))
-
-
-def _project(tmp: Path) -> Path:
-    """A throw-away git+DVC project with the digits and mnist1d (70k) data versions recorded."""
-
-    def git(*args: str) -> None:
-        subprocess.run(["git", *args], cwd=tmp, check=True, capture_output=True)
-
-    git("init", "-q")
-    git("-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "--allow-empty", "-m", "init")
-    init_dvc(tmp)
-    add_data(_config(tmp, {}), tmp)
-    add_data(_config(tmp, MNIST1D_70K), tmp)
-    return tmp
-
-
-def _config(root: Path, overrides: dict) -> FedtailConfig:
-    return load_config(
-        REPO / "params.yaml",
-        {
-            **overrides,
-            "output.data_dir": str(root / "data"),
-            "output.artifacts_dir": str(root / "artifacts"),
-            "output.runs_dir": str(root / "runs"),
-        },
-    )
 
 
 def _rss_mb() -> float:
@@ -228,7 +190,7 @@ def _warm_torch() -> None:
 def one(args: argparse.Namespace) -> None:
     """Child process: one measurement, printed as a JSON line."""
     root = Path(args.root)
-    cfg = _config(root, json.loads(args.overrides))
+    cfg = config(root, json.loads(args.overrides))
     staged = pipeline.stage(cfg, root)
     parts = pipeline.partition(cfg, staged, root)
     start = time.perf_counter()
@@ -257,7 +219,7 @@ def measure(root: Path, who: str, overrides: dict, timeout: float) -> dict:
 
 
 def _prepare(root: Path, overrides: dict) -> None:
-    cfg = _config(root, overrides)
+    cfg = config(root, overrides)
     pipeline.partition(cfg, pipeline.stage(cfg, root), root)
 
 
@@ -318,7 +280,7 @@ def main() -> None:
         "workloads": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        root = _project(Path(tmp))
+        root = make_project(Path(tmp), MNIST1D_70K)
         for name in names:
             if name == "workers":
                 wname, overrides = WORKERS_WORKLOAD
