@@ -121,6 +121,18 @@ def listening(pids: set[int] | None = None) -> list[tuple[str, str]]:
     )
 
 
+def send_round(grid, actions: list[str]) -> list[Message]:
+    """One train message per node of an `InProcessGrid` (or subclass) with the given actions; the replies,
+    checked to come back in the nodes' order."""
+    messages = [
+        Message(RecordDict({"cfg": ConfigRecord({"action": a})}), dst_node_id=node, message_type="train")
+        for node, a in zip(grid.node_ids, actions, strict=True)
+    ]
+    replies = list(grid.send_and_receive(messages))
+    assert [r.metadata.src_node_id for r in replies] == grid.node_ids
+    return replies
+
+
 def _outcome(reply: Message) -> list:
     """[error reason, None, None], or ["ok", the Ray node and the process the call ran in]."""
     if reply.has_error():
@@ -144,13 +156,7 @@ def ray_actors_probe(
         ray_actors.SLACK = slack
 
     def round_(grid: RayActorGrid, acts: list[str]) -> list[list]:
-        messages = [
-            Message(RecordDict({"cfg": ConfigRecord({"action": a})}), dst_node_id=node, message_type="train")
-            for node, a in zip(grid.node_ids, acts, strict=True)
-        ]
-        replies = list(grid.send_and_receive(messages))
-        assert [r.metadata.src_node_id for r in replies] == grid.node_ids
-        return [_outcome(r) for r in replies]
+        return [_outcome(r) for r in send_round(grid, acts)]
 
     seen: dict = {}
     with ray_session(address):

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message
 from flwr.common.constant import ErrorCode
 
 from fedtail.engines.inprocess import InProcessGrid, set_server_identity
-from tests.engine_apps import HANG_SECONDS, calls
+from tests.engine_apps import HANG_SECONDS, calls, send_round
 
 APP = "tests.engine_apps:app"
 REPO = Path(__file__).resolve().parents[1]
@@ -25,16 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 def _grid(workers: int, timeout: float | None = 3.0) -> InProcessGrid:
     set_server_identity()
     return InProcessGrid(APP, num_nodes=3, workers=workers, timeout=timeout)
-
-
-def _round(grid: InProcessGrid, actions: list[str]) -> list[Message]:
-    messages = [
-        Message(RecordDict({"cfg": ConfigRecord({"action": a})}), dst_node_id=node, message_type="train")
-        for node, a in zip(grid.node_ids, actions, strict=True)
-    ]
-    replies = list(grid.send_and_receive(messages))
-    assert [r.metadata.src_node_id for r in replies] == grid.node_ids
-    return replies
 
 
 def _calls(grid: InProcessGrid) -> list[int]:
@@ -51,12 +41,12 @@ def test_hung_client_is_abandoned_after_timeout(workers: int) -> None:
     grid = _grid(workers)
     try:
         start = time.monotonic()
-        replies = _round(grid, ["ok", "hang", "ok"])
+        replies = send_round(grid, ["ok", "hang", "ok"])
         assert time.monotonic() - start < HANG_SECONDS / 4  # bounded: the round did not wait for the hang
         assert not replies[0].has_error() and not replies[2].has_error()
         assert _error(replies[1]) == (ErrorCode.REPLY_MESSAGE_UNAVAILABLE, "client timed out after 3s")
         assert _calls(grid) == [1, 0, 1]  # the hung call's (in-place) Context update was never applied
-        replies = _round(grid, ["ok", "ok", "ok"])  # a fresh worker serves the next round
+        replies = send_round(grid, ["ok", "ok", "ok"])  # a fresh worker serves the next round
         assert not any(r.has_error() for r in replies)
         assert _calls(grid) == [2, 1, 2]
     finally:
@@ -67,14 +57,14 @@ def test_hung_client_is_abandoned_after_timeout(workers: int) -> None:
 def test_misbehaving_clients_get_error_replies(workers: int) -> None:
     grid = _grid(workers)
     try:
-        replies = _round(grid, ["raise", "sys_exit", "interrupt"])
+        replies = send_round(grid, ["raise", "sys_exit", "interrupt"])
         reasons = [_error(r) for r in replies]
         assert reasons == [
             (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: client bug"),
             (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "SystemExit: 3"),
             (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "KeyboardInterrupt: "),
         ]
-        replies = _round(grid, ["garbage", "none", "ok"])
+        replies = send_round(grid, ["garbage", "none", "ok"])
         assert "returned dict, not Message" in _error(replies[0])[1]
         assert "returned NoneType, not Message" in _error(replies[1])[1]
         assert not replies[2].has_error()
@@ -86,16 +76,16 @@ def test_misbehaving_clients_get_error_replies(workers: int) -> None:
 def test_worker_process_that_exits_is_replaced() -> None:
     grid = _grid(workers=2)
     try:
-        _round(grid, ["ok", "ok", "ok"])
+        send_round(grid, ["ok", "ok", "ok"])
         first = {w.process.pid for w in grid._procs}
-        replies = _round(grid, ["ok", "os_exit", "ok"])
+        replies = send_round(grid, ["ok", "os_exit", "ok"])
         code, reason = _error(replies[1])
         assert code == ErrorCode.CLIENT_APP_CRASHED and "exit code 3" in reason
         assert not replies[0].has_error() and not replies[2].has_error()
         now = {w.process.pid for w in grid._procs}
         assert len(first) == len(now) == 2 and len(first & now) == 1  # exactly the dead worker replaced
         assert all(w.process.is_alive() for w in grid._procs)
-        replies = _round(grid, ["ok", "ok", "ok"])
+        replies = send_round(grid, ["ok", "ok", "ok"])
         assert not any(r.has_error() for r in replies)
         assert {int(r.content["metrics"]["pid"]) for r in replies} <= now
     finally:
@@ -190,6 +180,6 @@ def test_a_cluster_on_loopback_is_joined_in_loopback_mode(address: str, loopback
 def test_timeout_beyond_what_the_clock_can_wait_means_no_limit(workers: int) -> None:
     grid = _grid(workers, timeout=float("inf"))  # engine.timeout accepts inf and 1e12
     try:
-        assert not any(r.has_error() for r in _round(grid, ["ok", "ok", "ok"]))
+        assert not any(r.has_error() for r in send_round(grid, ["ok", "ok", "ok"]))
     finally:
         grid.close()

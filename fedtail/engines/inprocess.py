@@ -354,11 +354,8 @@ def set_server_identity(run_id: int = 1) -> None:
     TaskIdentity.node_id = SUPERLINK_NODE_ID
 
 
-@ENGINES.register("inprocess")
-def run_inprocess(server_app: ServerApp, client_app_ref: str, cfg: FedtailConfig) -> InProcessGrid:
-    grid = InProcessGrid(
-        client_app_ref, cfg.federation.num_clients, workers=cfg.engine.workers, timeout=cfg.engine.timeout
-    )
+def serve(server_app: ServerApp, grid: InProcessGrid) -> InProcessGrid:
+    """Run ``server_app`` against ``grid`` (any `InProcessGrid`), closing the grid however it ends."""
     set_server_identity(grid.run_id)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     try:
@@ -366,3 +363,11 @@ def run_inprocess(server_app: ServerApp, client_app_ref: str, cfg: FedtailConfig
     finally:
         grid.close()
     return grid
+
+
+@ENGINES.register("inprocess")
+def run_inprocess(server_app: ServerApp, client_app_ref: str, cfg: FedtailConfig) -> InProcessGrid:
+    grid = InProcessGrid(
+        client_app_ref, cfg.federation.num_clients, workers=cfg.engine.workers, timeout=cfg.engine.timeout
+    )
+    return serve(server_app, grid)

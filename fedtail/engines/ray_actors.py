@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import ServerApp
 
@@ -43,7 +43,7 @@ from fedtail.engines.inprocess import (
     Result,
     ThreadRunner,
     error_reply,
-    set_server_identity,
+    serve,
     timeout_reply,
 )
 from fedtail.engines.ray import loopback_ray
@@ -266,10 +266,4 @@ def run_ray_actors(server_app: ServerApp, client_app_ref: str, cfg: FedtailConfi
             cpus_per_actor=cfg.engine.cpus_per_client,
             gpus_per_actor=gpus,
         )
-        set_server_identity(grid.run_id)
-        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-        try:
-            server_app(grid, context)
-        finally:
-            grid.close()
-    return grid
+        return serve(server_app, grid)
