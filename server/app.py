@@ -109,7 +109,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
         restore_client_states(grid, node_of, recorder.client_states, cfg.engine.timeout)
     arrays = recorder.arrays or to_arrays(model)
     strategy = STRATEGIES.get(cfg.strategy.name).from_config(cfg, node_of)
-    strategy.client_info, strategy.client_states = recorder.client_info, recorder.client_states
+    strategy.client_info, strategy.client_states = recorder.client_info, recorder.client_states  # shared
     rounds, n_tasks = cfg.federation.rounds_per_task, schedule.num_tasks
 
     for t in range(recorder.tasks_done, n_tasks):
@@ -146,7 +146,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
                 "num_seen_classes": len(seen),
                 **recall,
             }
-            recorder.record_round(row, arrays, strategy.client_info, strategy.client_states)
+            recorder.record_round(row, arrays)
             log.info(
                 "task %d/%d round %d/%d  balanced_acc=%.4f  acc=%.4f  macro_f1=%.4f",
                 t + 1,
@@ -175,7 +175,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
         recorder.end_task(t, final["task_accuracies"])
 
     state_dict = arrays.to_torch_state_dict()
-    return recorder.finish(state_dict, strategy.client_info)
+    return recorder.finish(state_dict)
 
 
 def write_run_header(job: P.Job, run_dir: Path) -> None:

@@ -123,12 +123,11 @@ class RunRecorder:
         return sum(1 for r in self.rows if r["task"] == task)
 
     # ---- recording ------------------------------------------------------------------------------
-    def record_round(
-        self, row: dict, arrays: ArrayRecord, client_info: dict[int, dict], client_states: dict[int, bytes]
-    ) -> None:
+    def record_round(self, row: dict, arrays: ArrayRecord) -> None:
+        """Append ``row`` and checkpoint; ``client_info`` / ``client_states`` are this recorder's dicts, which
+        the strategy fills in place (`server.app` hands them to it), so they are as of this round."""
         self.rows.append(row)
         self.arrays = arrays
-        self.client_info, self.client_states = client_info, client_states
         self._checkpoint()
         self._write_rounds()
 
@@ -174,7 +173,7 @@ class RunRecorder:
         io.write_text(self.run_dir / "accuracy_matrix.csv", frame.to_csv(float_format="%.6f"))
 
     # ---- final outputs --------------------------------------------------------------------------
-    def finish(self, state_dict: dict, client_info: dict[int, dict]) -> dict:
+    def finish(self, state_dict: dict) -> dict:
         last = self.rows[-1]
         a = self.acc_matrix
         metrics = {
@@ -195,7 +194,7 @@ class RunRecorder:
         }
         metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
         io.write_with(self.run_dir / "model.pt", lambda fh: torch.save(state_dict, fh))
-        rows = [{"partition_id": pid, **info} for pid, info in sorted(client_info.items())]
+        rows = [{"partition_id": pid, **info} for pid, info in sorted(self.client_info.items())]
         io.write_text(self.run_dir / "clients.csv", pd.DataFrame(rows).to_csv(index=False))
         self._write_matrix()
         io.write_json(self.run_dir / "metrics.json", metrics)

@@ -198,7 +198,7 @@ def test_rounds_csv_appended_equals_rewritten_and_resume_drops_a_half_row(tmp_pa
     arrays = to_arrays(build_model("mlp", (64,), 10, 4, 0))
     recorder = RunRecorder(tmp_path, cfg, schedule)
     for i in range(1, 5):
-        recorder.record_round(_row(i), arrays, {}, {})
+        recorder.record_round(_row(i), arrays)
     rows = [_row(i) for i in range(1, 5)]
     expected = pd.DataFrame(rows).to_csv(index=False, float_format="%.6f")
     assert (tmp_path / "rounds.csv").read_text() == expected
@@ -207,7 +207,7 @@ def test_rounds_csv_appended_equals_rewritten_and_resume_drops_a_half_row(tmp_pa
         fh.write("0,5,3,0.12")
     resumed = RunRecorder(tmp_path, cfg, schedule)
     assert resumed.resumed and len(resumed.rows) == 4
-    resumed.record_round(_row(5), arrays, {}, {})
+    resumed.record_round(_row(5), arrays)
     rows.append(_row(5))
     assert (tmp_path / "rounds.csv").read_text() == pd.DataFrame(rows).to_csv(
         index=False, float_format="%.6f"
@@ -290,7 +290,10 @@ def test_packed_client_states_round_trip_and_format_1_checkpoints_still_resume(t
     cfg = smoke_config(tmp_path)
     schedule = make_schedule(cfg.num_classes, None, shuffle=False, seed=0)
     arrays = to_arrays(build_model("mlp", (64,), 10, 4, 0))
-    RunRecorder(tmp_path, cfg, schedule).record_round(_row(1), arrays, {5: {"x": 1}}, states)
+    recorder = RunRecorder(tmp_path, cfg, schedule)
+    recorder.client_info.update({5: {"x": 1}})
+    recorder.client_states.update(states)
+    recorder.record_round(_row(1), arrays)
     assert RunRecorder(tmp_path, cfg, schedule).client_states == states
     old = torch.load(tmp_path / CHECKPOINT, weights_only=True)  # rewrite it as format 1 wrote it
     old["format"] = 1
