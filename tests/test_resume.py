@@ -36,7 +36,6 @@ OUTPUTS = (
     runs.MARKER,
 )
 TOTAL_ROUNDS = 2 * ROUNDS_PER_TASK
-CLIENTS = 3  # configs/smoke.yaml
 DELAY = 0.1  # seconds each client sleeps per round while a test means to kill the run
 
 
@@ -81,9 +80,10 @@ def _rounds_done(run_dir: Path) -> int:
 def _kill_mid_run(proc: subprocess.Popen, run_dir: Path, rng: random.Random) -> bool:
     """Once the process has checkpointed a new round, SIGKILL its whole group at a random instant.
 
-    The instant is drawn within the time its remaining rounds must take (each sleeps ``DELAY`` per
-    client), so the kill lands mid-run: inside a round, an evaluation or a checkpoint write. Returns
-    False, killing nothing, when too few rounds are left to do that.
+    The instant is drawn within the time its remaining rounds must take (each client sleeps ``DELAY``, so
+    a round takes at least that even when clients run in parallel), so the kill lands mid-run: inside a
+    round, an evaluation or a checkpoint write. Returns False, killing nothing, when too few rounds are
+    left to do that.
     """
     before = _rounds_done(run_dir)
     deadline = time.monotonic() + 180
@@ -93,7 +93,7 @@ def _kill_mid_run(proc: subprocess.Popen, run_dir: Path, rng: random.Random) -> 
     left = TOTAL_ROUNDS - done - 1
     if left <= 0:
         return False
-    time.sleep(rng.uniform(0.0, 0.9 * left * DELAY * CLIENTS))
+    time.sleep(rng.uniform(0.0, 0.9 * left * DELAY))  # a round takes >= DELAY even with parallel clients
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     _wait_gone(proc.pid)
