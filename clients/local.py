@@ -6,6 +6,8 @@ Plain functions over a `LocalContext`, testable without Flower; `clients.app` on
 from __future__ import annotations
 
 import functools
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from flwr.app import RecordDict
 from torch import nn
 
+from fedtail.models import on_device
 from fedtail.partition import load_client
 from fedtail.protocol import Job
 from fedtail.registry import CONTINUAL, OBJECTIVES
@@ -63,21 +66,66 @@ class ClientData:
         return np.bincount(self.y, minlength=num_classes).astype(np.int64)
 
     def for_classes(self, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        mask = np.isin(self.y, classes)
+        table = np.zeros(max(int(self.y.max(initial=0)), max(classes, default=0)) + 1, dtype=bool)
+        table[list(classes)] = True  # labels are small ints: a lookup table beats np.isin's set-up
+        mask = table[self.y]
         return self.x[mask], self.y[mask]
 
 
-@functools.lru_cache(maxsize=64)
+CLIENT_CACHE_BYTES = 256 * 2**20
+
+
+class _ClientCache:
+    """Least-recently-used clients' data, bounded by bytes rather than by clients: a count bound (64)
+    missed on every call once a federation had more clients than that, while 1,000 digits clients hold
+    a few MB in all."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple, ClientData] = OrderedDict()
+        self._lock = threading.Lock()  # an abandoned (timed-out) call's thread may still load
+
+    def get(self, key: tuple, load: Callable[[], ClientData]) -> ClientData:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        data = load()
+        size = data.x.nbytes + data.y.nbytes + data.x_unlabeled.nbytes
+        with self._lock:
+            if key not in self._items and size <= self.max_bytes:
+                self._items[key] = data
+                self.bytes += size
+                while self.bytes > self.max_bytes:
+                    _, old = self._items.popitem(last=False)
+                    self.bytes -= old.x.nbytes + old.y.nbytes + old.x_unlabeled.nbytes
+        return data
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
+
+
+_CLIENTS = _ClientCache(CLIENT_CACHE_BYTES)
+
+
 def load_client_data(staged_dir: str, partition_dir: str, partition_id: int) -> ClientData:
-    """Read (and cache per process) one client's samples from the staged arrays and its partition.
+    """Read (and cache per process, up to `CLIENT_CACHE_BYTES`) one client's samples from the staged
+    arrays and its partition.
 
     A miss costs O(the client's samples): the staged arrays stay memory-mapped and the partition indexed
     per process (`load_staged`, `fedtail.partition.partition_index`)."""
-    splits = load_staged(Path(staged_dir))
-    idx, labeled = load_client(Path(partition_dir), partition_id)
-    x = np.asarray(splits.x_train[idx], dtype=np.float32)
-    y = np.asarray(splits.y_train[idx], dtype=np.int64)
-    return ClientData(x=x[labeled], y=y[labeled], x_unlabeled=x[~labeled])
+
+    def load() -> ClientData:
+        splits = load_staged(Path(staged_dir))
+        idx, labeled = load_client(Path(partition_dir), partition_id)
+        x = np.asarray(splits.x_train[idx], dtype=np.float32)
+        y = np.asarray(splits.y_train[idx], dtype=np.int64)
+        return ClientData(x=x[labeled], y=y[labeled], x_unlabeled=x[~labeled])
+
+    return _CLIENTS.get((staged_dir, partition_dir, partition_id), load)
 
 
 def step_seed(seed: int, *keys: int) -> int:
@@ -102,7 +150,7 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
     if n == 0:
         return 0.0, 0
     xt, yt = xt.to(ctx.device), yt.to(ctx.device)
-    model = ctx.model.to(ctx.device)
+    model = ctx.model if on_device(ctx.model, ctx.device) else ctx.model.to(ctx.device)
     optimizer = make_optimizer(model, ctx.job)
     generator = torch.Generator().manual_seed(
         step_seed(cfg.seed, ctx.task, ctx.global_round, ctx.partition_id)

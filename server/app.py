@@ -24,7 +24,7 @@ from clients.state import from_bytes, restore_content
 from fedtail import io, runs
 from fedtail import protocol as P
 from fedtail.config import check_paths, from_run_config, parse_override_list
-from fedtail.models import build_model, resolve_device, to_arrays
+from fedtail.models import build_model, resolve_device, to_arrays, to_state_dict
 from fedtail.partition import labeled_class_counts, load_schedule
 from fedtail.registry import STRATEGIES
 from fedtail.staging import load_staged, staged_meta
@@ -37,12 +37,31 @@ OnRound = Callable[[dict], None]
 
 
 def discover_clients(grid: Grid, job: P.Job, timeout: float) -> tuple[dict[int, int], np.ndarray]:
-    """Ask every node once for its partition id (a QUERY message; nodes load no data for it).
+    """Map partition ids to nodes: a grid that assigns them itself (fedtail's simulation grids have
+    ``partition_ids()``) says so; any other grid's nodes are asked once (a QUERY message; nodes load no
+    data for it).
 
     Returns ``{partition_id: node_id}`` and the clients x classes counts of the samples each client
     trains on (its labeled ones), taken from the partition folder: the same numbers the clients would
     report, without loading every client's data before round 1.
     """
+    n = job.config.federation.num_clients
+    known = getattr(grid, "partition_ids", None)
+    if callable(known):
+        node_of = {int(pid): int(node) for node, pid in known().items()}
+    else:
+        node_of = _query_partition_ids(grid, job, timeout)
+    if sorted(node_of) != list(range(n)):
+        raise ValueError(
+            f"federation.num_clients={n} but the connected nodes hold partitions {sorted(node_of)}; "
+            "run exactly one node per client (flwr: options.num-supernodes)"
+        )
+    y_train = load_staged(job.staged_dir).y_train
+    return node_of, labeled_class_counts(job.partition_dir, y_train, job.config.num_classes)
+
+
+def _query_partition_ids(grid: Grid, job: P.Job, timeout: float) -> dict[int, int]:
+    """Wait for ``federation.num_clients`` nodes, then ask each for its partition id."""
     n = job.config.federation.num_clients
     deadline = time.monotonic() + timeout
     while len(node_ids := list(grid.get_node_ids())) < n:
@@ -57,16 +76,7 @@ def discover_clients(grid: Grid, job: P.Job, timeout: float) -> tuple[dict[int, 
     errors = [r.error.reason for r in replies if r.has_error()]
     if errors or len(replies) != len(node_ids):
         raise RuntimeError(f"client discovery failed ({len(replies)}/{len(node_ids)} replies): {errors[:3]}")
-    node_of: dict[int, int] = {}
-    for reply in replies:
-        node_of[int(reply.content[P.INFO][P.PARTITION_ID])] = reply.metadata.src_node_id
-    if sorted(node_of) != list(range(n)):
-        raise ValueError(
-            f"federation.num_clients={n} but the connected nodes hold partitions {sorted(node_of)}; "
-            "run exactly one node per client (flwr: options.num-supernodes)"
-        )
-    y_train = load_staged(job.staged_dir).y_train
-    return node_of, labeled_class_counts(job.partition_dir, y_train, job.config.num_classes)
+    return {int(r.content[P.INFO][P.PARTITION_ID]): r.metadata.src_node_id for r in replies}
 
 
 def restore_client_states(
@@ -174,7 +184,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
         final = evaluator.evaluate(arrays, seen, schedule.tasks[: t + 1])
         recorder.end_task(t, final["task_accuracies"])
 
-    state_dict = arrays.to_torch_state_dict()
+    state_dict = to_state_dict(arrays)
     return recorder.finish(state_dict)
 
 

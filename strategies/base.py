@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from clients.state import split_state
 from clients.state import to_bytes as state_to_bytes
@@ -88,6 +89,28 @@ def weighted_mean(updates: list[Decoded], weights: list[float]) -> ArrayRecord:
             else:
                 out[key] += value * factor
     return ArrayRecord({key: Array(np.asarray(value)) for key, value in out.items()})
+
+
+def weighted_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Flower's `aggregate_metricrecords` (the same operations in the same order: bit-identical,
+    tested), reading each reply's MetricRecords directly instead of through the per-access views
+    ``RecordDict.metric_records`` builds, which cost more than the arithmetic."""
+    per_record = [[r for r in record.values() if isinstance(r, MetricRecord)] for record in records]
+    weights = [metric_records[0][weighting_key] for metric_records in per_record]
+    total = sum(weights)
+    out: dict = {}
+    for metric_records, weight in zip(per_record, [w / total for w in weights], strict=True):
+        for record in metric_records:
+            for key, value in record.items():
+                if key == weighting_key:
+                    continue
+                if key not in out:
+                    out[key] = [v * weight for v in value] if isinstance(value, list) else value * weight
+                elif isinstance(value, list):
+                    out[key] = [c + v * weight for c, v in zip(out[key], value, strict=True)]
+                else:
+                    out[key] += value * weight
+    return MetricRecord(out)
 
 
 class FedtailStrategy:
@@ -181,7 +204,11 @@ class FedtailStrategy:
             arrays = weighted_mean(
                 [d for _, _, d in usable], [m.content[P.METRICS][self.weighted_by_key] for _, m, _ in usable]
             )
-            metrics = self.train_metrics_aggr_fn([m.content for _, m, _ in usable], self.weighted_by_key)
+            contents = [m.content for _, m, _ in usable]
+            if self.train_metrics_aggr_fn is aggregate_metricrecords:
+                metrics = weighted_metrics(contents, self.weighted_by_key)
+            else:
+                metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         else:
             arrays, metrics = super().aggregate_train(server_round, [m for _, m, _ in usable])
         if metrics is not None and P.TRAIN_LOSS in metrics:

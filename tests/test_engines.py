@@ -54,6 +54,22 @@ def test_hung_client_is_abandoned_after_timeout(workers: int) -> None:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+def test_each_call_of_a_round_has_its_own_time_limit(workers: int) -> None:
+    """Calls run as one batch per round; every hung call still costs only its own node a reply."""
+    grid = _grid(workers, timeout=1.0)
+    try:
+        start = time.monotonic()
+        replies = send_round(grid, ["hang", "ok", "hang"])
+        assert time.monotonic() - start < HANG_SECONDS / 4
+        codes = [r.error.code if r.has_error() else None for r in replies]
+        hung = ErrorCode.REPLY_MESSAGE_UNAVAILABLE
+        assert codes == [hung, None, hung]
+        assert _calls(grid) == [0, 1, 0]
+    finally:
+        grid.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 def test_misbehaving_clients_get_error_replies(workers: int) -> None:
     grid = _grid(workers)
     try:

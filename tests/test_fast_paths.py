@@ -282,7 +282,7 @@ def test_packed_client_states_round_trip_and_format_1_checkpoints_still_resume(t
     import torch
 
     from fedtail.tasks import make_schedule
-    from server.recorder import CHECKPOINT, RunRecorder, pack_states, unpack_states
+    from server.recorder import CHECKPOINT, RunRecorder, json_from_tensor, pack_states, unpack_states
 
     states = {5: b"abc", 0: b"", 2: bytes(range(256))}
     assert unpack_states(pack_states(states)) == states
@@ -297,6 +297,8 @@ def test_packed_client_states_round_trip_and_format_1_checkpoints_still_resume(t
     assert RunRecorder(tmp_path, cfg, schedule).client_states == states
     old = torch.load(tmp_path / CHECKPOINT, weights_only=True)  # rewrite it as format 1 wrote it
     old["format"] = 1
+    old["rows"] = json_from_tensor(old["rows"])
+    old["client_info"] = dict(json_from_tensor(old["client_info"]))
     old["client_states"] = {
         p: torch.frombuffer(bytearray(b), dtype=torch.uint8) for p, b in states.items() if b
     }
@@ -324,3 +326,198 @@ def test_server_evaluation_runs_with_the_clients_thread_count_and_restores_it() 
         assert seen_threads == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+ENCODE_CASES = [
+    np.arange(12, dtype=np.float32).reshape(3, 4),
+    np.array(2.5),
+    np.zeros((0, 3), np.float32),
+    np.arange(5, dtype=">i8"),
+    np.array([True, False]),
+    np.arange(6, dtype=np.uint8),
+    np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+    np.arange(6, dtype=np.float16).reshape(3, 2)[::2],
+]
+
+
+@pytest.mark.parametrize(
+    "value", ENCODE_CASES, ids=lambda v: f"{v.dtype.str}-{v.shape}-{v.flags.c_contiguous}"
+)
+def test_encode_equals_flowers_array(value: np.ndarray) -> None:
+    from fedtail.models import array_from_numpy
+
+    got, expected = array_from_numpy(value), Array(value)
+    assert type(got) is Array
+    assert (got.dtype, got.shape, got.stype, got.data) == (
+        expected.dtype,
+        expected.shape,
+        expected.stype,
+        expected.data,
+    )
+    assert got.object_id == expected.object_id and got.is_dirty == expected.is_dirty
+    assert np.array_equal(got.numpy(), value)
+
+
+def test_to_arrays_and_to_state_dict_equal_flowers_conversions() -> None:
+    from fedtail.models import to_state_dict
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    ours, flowers = to_arrays(model), ArrayRecord(model.state_dict())
+    assert list(ours.keys()) == list(flowers.keys())
+    assert all(ours[k].data == flowers[k].data and ours[k].dtype == flowers[k].dtype for k in ours)
+    ours_sd, flowers_sd = to_state_dict(ours), flowers.to_torch_state_dict()
+    assert all(
+        torch.equal(ours_sd[k], flowers_sd[k]) and ours_sd[k].dtype == flowers_sd[k].dtype for k in ours_sd
+    )
+
+
+def _arrays_like(model: torch.nn.Module, fn) -> ArrayRecord:
+    return ArrayRecord(
+        {k: Array(np.ascontiguousarray(fn(v.detach().numpy()))) for k, v in model.state_dict().items()}
+    )
+
+
+def test_load_arrays_fast_path_equals_load_state_dict_and_keeps_its_errors() -> None:
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+
+    fast, slow = net(), net()
+    for fn in (lambda v: v + 1, lambda v: (v * 2).astype(np.float64 if v.dtype == np.float32 else v.dtype)):
+        arrays = _arrays_like(fast, fn)  # the second casts float64 -> float32 (load_state_dict's path)
+        load_arrays(fast, arrays)
+        slow.load_state_dict({k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()})
+        for (k, a), b in zip(fast.state_dict().items(), slow.state_dict().values(), strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b), k
+    missing = ArrayRecord({k: v for k, v in _arrays_like(fast, lambda v: v).items() if k != "0.bias"})
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_arrays(fast, missing)
+    wrong = _arrays_like(fast, lambda v: np.zeros((7,) + v.shape, v.dtype) if v.ndim else v)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_arrays(fast, wrong)
+
+
+def test_load_arrays_respects_load_hooks() -> None:
+    class Doubling(torch.nn.Linear):
+        def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+            state_dict = {k: v * 2 for k, v in state_dict.items()}
+            super()._load_from_state_dict(state_dict, prefix, *args)
+
+    model = Doubling(2, 2)
+    arrays = _arrays_like(model, lambda v: np.ones_like(v))
+    load_arrays(model, arrays)
+    assert torch.equal(model.weight.detach(), torch.full((2, 2), 2.0))
+
+
+def test_csv_text_equals_pandas() -> None:
+    import pandas as pd
+
+    from server.recorder import csv_text
+
+    rows = [
+        {
+            "task": 0,
+            "round": i,
+            "loss": [float("nan"), 1 / 3, float("inf"), -0.0][i],
+            "name": ["a", "b,c", 'q"', ""][i],
+        }
+        for i in range(4)
+    ]
+    for header in (True, False):
+        assert csv_text(rows, header) == pd.DataFrame(rows).to_csv(
+            index=False, header=header, float_format="%.6f"
+        )
+
+
+def test_discovery_asks_the_nodes_of_a_grid_that_does_not_know_their_partitions(job: P.Job) -> None:
+    class QueryOnly(InProcessGrid):
+        partition_ids = None  # as Flower's grids: only the nodes know
+
+    set_server_identity()
+    known = InProcessGrid("clients.app:app", num_nodes=CLIENTS)
+    asked = QueryOnly("clients.app:app", num_nodes=CLIENTS)
+    sent = []
+    real = asked.push_messages
+    asked.push_messages = lambda messages: real([sent.append(m) or m for m in messages])
+    try:
+        a, b = discover_clients(known, job, timeout=60), discover_clients(asked, job, timeout=60)
+        assert a[0] == b[0] == {k: 1000 + k for k in range(CLIENTS)} and np.array_equal(a[1], b[1])
+        assert len(sent) == CLIENTS and all(m.metadata.message_type == MessageType.QUERY for m in sent)
+    finally:
+        known.close()
+        asked.close()
+
+
+def test_client_cache_is_bounded_by_bytes_and_least_recently_used() -> None:
+    from clients.local import ClientData, _ClientCache
+
+    def data(n: int) -> ClientData:
+        return ClientData(np.zeros((n, 2), np.float32), np.zeros(n, np.int64), np.zeros((0, 2), np.float32))
+
+    cache = _ClientCache(max_bytes=3 * data(10).x.nbytes + 3 * data(10).y.nbytes)
+    loads = []
+    get = lambda k: cache.get(k, lambda: loads.append(k) or data(10))  # noqa: E731
+    for k in (1, 2, 3, 1, 4, 1, 2):
+        get(k)
+    assert loads == [1, 2, 3, 4, 2]  # 4 evicted 2 (1 was used after 2); 2 came back evicting 3
+    assert cache.bytes <= cache.max_bytes and cache.get(9, lambda: data(10**6)).x.shape[0] == 10**6
+    assert 9 not in cache._items  # larger than the whole cache: returned, not kept
+
+
+def test_client_data_for_classes_equals_isin() -> None:
+    from clients.local import ClientData
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 50)
+    data = ClientData(rng.normal(size=(50, 3)).astype(np.float32), y, np.zeros((0, 3), np.float32))
+    for classes in ([], [3], [0, 9], list(range(10)), [12]):
+        x, yy = data.for_classes(classes)
+        mask = np.isin(y, classes)
+        assert np.array_equal(x, data.x[mask]) and np.array_equal(yy, y[mask])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_weighted_metrics_equal_flowers_aggregate_metricrecords(seed: int) -> None:
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+    from strategies.base import weighted_metrics
+
+    rng = np.random.default_rng(seed)
+    replies = [
+        RecordDict(
+            {
+                "arrays": ArrayRecord(),
+                "metrics": MetricRecord(
+                    {
+                        P.NUM_EXAMPLES: int(rng.integers(1, 1000)),
+                        "loss": float(rng.normal()),
+                        "per-class": [float(v) for v in rng.normal(size=3)],
+                        "count": int(rng.integers(0, 9)),
+                    }
+                ),
+                "extra": MetricRecord({"loss": float(rng.normal())}),
+            }
+        )
+        for _ in range(int(rng.integers(1, 12)))
+    ]
+    got, expected = (
+        weighted_metrics(replies, P.NUM_EXAMPLES),
+        aggregate_metricrecords(replies, P.NUM_EXAMPLES),
+    )
+    assert dict(got) == dict(expected) and list(got) == list(expected)
+
+
+def test_checkpoint_json_round_trips_rows_and_client_info_exactly() -> None:
+    from server.recorder import json_from_tensor, json_tensor
+
+    value = [
+        {"a": 0.1 + 0.2, "nan": float("nan"), "inf": float("-inf"), "n": 3, "s": "x,y", "tiny": 5e-324},
+        [7, {"blob": b"\x00\xff", "list": [1, 2.5, True, None], "np": np.float32(0.5)}],
+    ]
+    got = json_from_tensor(json_tensor(value))
+    assert (
+        repr(got[0]["a"]) == repr(0.1 + 0.2) and got[0]["nan"] != got[0]["nan"] and got[0]["tiny"] == 5e-324
+    )
+    assert {k: v for k, v in got[0].items() if k != "nan"} == {
+        k: v for k, v in value[0].items() if k != "nan"
+    }
+    assert got[1] == [7, {"blob": b"\x00\xff", "list": [1, 2.5, True, None], "np": 0.5}]

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from fedtail import pipeline, runs
-from server.recorder import CHECKPOINT
+from server.recorder import CHECKPOINT, json_from_tensor
 from tests.apps.stateful_client import ROUNDS_PER_TASK, config
 from tests.conftest import REPO
 
@@ -127,7 +127,7 @@ def test_sigkilled_run_resumes_byte_for_byte(
         assert not (run_dir / "metrics.json").exists(), "the run finished before it was killed"
         assert (run_dir / CHECKPOINT).is_file() and not list(run_dir.glob(f".{CHECKPOINT}.*"))
         state = torch.load(run_dir / CHECKPOINT, weights_only=True)
-        assert 0 < len(state["rows"]) < TOTAL_ROUNDS and state["client_states"]
+        assert 0 < len(json_from_tensor(state["rows"])) < TOTAL_ROUNDS and state["client_states"]
 
     proc = _start(project, tmp_path / "runs", engine, "resume", delay=0.0)
     out, _ = proc.communicate(timeout=300)

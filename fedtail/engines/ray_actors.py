@@ -68,7 +68,7 @@ class ClientActor:
 
     def run(self, batch: list[tuple[Message, Context]]) -> tuple[list[Result], bool]:
         """The calls' results, and whether a call timed out (its thread may still be running here)."""
-        results = [self.runner(message, context) for message, context in batch]
+        results = self.runner.run_batch(batch)
         timed_out = any(
             context is None and reply.has_error() and reply.error.code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE
             for reply, context in results

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -66,14 +67,91 @@ def array_to_numpy(array: Array) -> np.ndarray:
     return array.numpy()
 
 
+def array_from_numpy(ndarray: np.ndarray) -> Array:
+    """``Array(ndarray)`` (the same dtype, shape, stype and bytes), without going through np.save: for a
+    C-ordered array of a plain dtype the bytes are the cached ``.npy`` header plus the raw data. Every
+    update is encoded once per client call and once more on the server for the mean; np.save's
+    per-array set-up cost more than the data of a small model. Anything else takes Flower's path."""
+    if ndarray.flags.c_contiguous and _plain(ndarray.dtype):
+        shape = tuple(int(n) for n in ndarray.shape)
+        try:
+            header = _npy_header(np.lib.format.dtype_to_descr(ndarray.dtype), shape)
+        except ValueError:  # a header too long for format 1.0: np.save picks another version
+            header = b""
+        if header:
+            return _array(str(ndarray.dtype), shape, header + ndarray.tobytes())
+    return Array.from_numpy_ndarray(ndarray)
+
+
+def _array(dtype: str, shape: tuple[int, ...], data: bytes) -> Array:
+    """``Array(dtype=dtype, shape=shape, stype=SType.NUMPY, data=data)``: the same object (tested),
+    without the generic constructor's argument dispatch and checks, which cost as much as the data."""
+    array = Array.__new__(Array)
+    array.__dict__.update(dtype=dtype, shape=shape, stype=SType.NUMPY, data=data)
+    return array
+
+
 def to_arrays(model: nn.Module) -> ArrayRecord:
-    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    """The model's state dict as an ArrayRecord (what ``ArrayRecord(state_dict)`` gives)."""
+    record = ArrayRecord()
+    for key, value in model.state_dict().items():
+        record[key] = array_from_numpy(value.detach().cpu().numpy())
+    return record
+
+
+def to_state_dict(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """``arrays.to_torch_state_dict()`` (equal tensors), decoding with `array_to_numpy`."""
+    return {key: torch.from_numpy(array_to_numpy(a).copy()) for key, a in arrays.items()}
 
 
 def load_arrays(model: nn.Module, arrays: ArrayRecord) -> nn.Module:
-    state = {k: torch.from_numpy(array_to_numpy(a).copy()) for k, a in arrays.items()}
-    model.load_state_dict(state, strict=True)
+    """``model.load_state_dict(arrays, strict=True)``. When every key, shape and dtype matches a CPU
+    tensor of the model, the data is copied straight into it (the same values load_state_dict would
+    copy); anything else (another device, a cast, a missing key) goes through load_state_dict and its
+    errors."""
+    target = model.state_dict()
+    decoded = {key: array_to_numpy(a) for key, a in arrays.items()}
+    if target.keys() == decoded.keys() and not _has_load_hooks(model):
+        pairs = [(target[k].numpy(), v) for k, v in decoded.items() if _same_cpu_layout(target[k], v)]
+        if len(pairs) == len(decoded):
+            for dst, src in pairs:
+                np.copyto(dst, src, casting="no")
+            return model
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in decoded.items()}, strict=True)
     return model
+
+
+def _same_cpu_layout(tensor: torch.Tensor, array: np.ndarray) -> bool:
+    return (
+        tensor.device.type == "cpu"
+        and tensor.shape == array.shape
+        and tensor.dtype == _TORCH_OF.get(array.dtype)
+        and not tensor.requires_grad
+    )
+
+
+_TORCH_OF = {
+    np.dtype(n): getattr(torch, n)
+    for n in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+}
+
+
+def _has_load_hooks(model: nn.Module) -> bool:
+    """Whether any submodule customises loading (state-dict load hooks or its own
+    ``_load_from_state_dict``, beyond torch's own layers): then only load_state_dict is right."""
+    for m in model.modules():
+        if m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks:
+            return True
+        own = type(m)._load_from_state_dict
+        if own is not nn.Module._load_from_state_dict and not type(m).__module__.startswith("torch.nn."):
+            return True
+    return False
+
+
+def on_device(model: nn.Module, device: torch.device) -> bool:
+    """Whether every parameter and buffer already lives on ``device`` (``model.to`` walks every module
+    even when nothing moves: a tenth of a small client's call)."""
+    return all(t.device == device for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def resolve_device(name: str) -> torch.device:
