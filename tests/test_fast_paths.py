@@ -521,3 +521,32 @@ def test_checkpoint_json_round_trips_rows_and_client_info_exactly() -> None:
         k: v for k, v in value[0].items() if k != "nan"
     }
     assert got[1] == [7, {"blob": b"\x00\xff", "list": [1, 2.5, True, None], "np": 0.5}]
+
+
+def test_accuracy_matrix_and_clients_files_equal_what_pandas_wrote(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from fedtail.tasks import make_schedule
+    from server.recorder import RunRecorder
+
+    cfg = smoke_config(tmp_path)
+    schedule = make_schedule(cfg.num_classes, 5, shuffle=False, seed=0)
+    recorder = RunRecorder(tmp_path, cfg, schedule)
+    recorder.record_round(
+        dict(_row(1), accuracy=0.5, balanced_accuracy=0.5, macro_f1=0.5),
+        to_arrays(build_model("mlp", (64,), 10, 4, 0)),
+    )
+    recorder.end_task(0, [0.5])
+    recorder.end_task(1, [1 / 3, 0.25])
+    recorder.client_info.update(
+        {
+            3: {"partition-id": 3, "rounds-trained": 2, "tasks-seen": [0, 1], "lr": 0.1},
+            1: {"partition-id": 1, "rounds-trained": 1, "tasks-seen": [0], "lr": 1e-05},
+        }
+    )
+    recorder.finish({})
+    frame = pd.DataFrame(recorder.acc_matrix, columns=[f"task_{j}" for j in range(schedule.num_tasks)])
+    frame.index.name = "after_task"
+    assert (tmp_path / "accuracy_matrix.csv").read_text() == frame.to_csv(float_format="%.6f")
+    rows = [{"partition_id": p, **info} for p, info in sorted(recorder.client_info.items())]
+    assert (tmp_path / "clients.csv").read_text() == pd.DataFrame(rows).to_csv(index=False)
