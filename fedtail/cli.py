@@ -111,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("report", "DVC stage 4: plots and report.md for a finished run")
     _run_id_arg(p, required=True)
     p = command(
+        "sweep",
+        "run (or continue) an experiment grid: axes x variants x seeds from a sweep file, in parallel; "
+        "writes <output.sweeps_dir>/<sweep-id>/ (runs.csv, summary.csv/.md, plot.png)",
+    )
+    p.add_argument("sweep_file", nargs="?", help="sweep YAML, e.g. benchmarks/sweeps/skew.yaml")
+    p.add_argument("--workers", type=int, help="runs at a time (default: the file's workers)")
+    p.add_argument("--sweep-id", help="sweep folder name (default: the file's name without .yaml)")
+    p.add_argument("--show", metavar="SWEEP_ID", help="print the summary table of a sweep and exit")
+    p = command(
         "data",
         "version a dataset: 'data add DATASET' materializes its raw files (dataset.* from --config/--set) "
         "and records them in data.dvc; the only command that changes data.dvc",
@@ -161,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.check_run_target(cfg, pipeline.new_run_dir(cfg, root), _mode(args))
         if args.command in ("run", "serve", "stage", "partition", "simulate"):
             check_versioned(cfg, root)
+        if args.command == "sweep":
+            check_sweep_args(args, root)
     except ConfigError as err:
         print(f"fedtail: {err}", file=sys.stderr)
         return 2
@@ -243,6 +254,8 @@ def _dispatch(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
         print(pipeline.partition(cfg, pipeline.stage(cfg, root), root))
     elif args.command == "report":
         print(pipeline.report(pipeline.new_run_dir(cfg, root)))
+    elif args.command == "sweep":
+        return _sweep(args, cfg, root)
     elif args.command == "data":
         from fedtail.staging import add_data, dvc_file_of
 
@@ -260,3 +273,66 @@ def _dispatch(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _sweep_id(args: argparse.Namespace) -> str:
+    from fedtail.config import check_run_id
+
+    name = args.sweep_id or Path(args.sweep_file).stem
+    try:
+        return check_run_id(name)
+    except ValueError as err:
+        raise ConfigError(f"--sweep-id {name!r}: {err}") from None
+
+
+def check_sweep_args(args: argparse.Namespace, root: Path) -> None:
+    """Before any work: a sweep file or --show, a usable worker count, every cell a valid config."""
+    if args.show:
+        return
+    if not args.sweep_file:
+        raise ConfigError(
+            "fedtail sweep needs a sweep file (e.g. benchmarks/sweeps/skew.yaml) or --show SWEEP_ID"
+        )
+    if args.workers is not None and not 1 <= args.workers <= 64:
+        raise ConfigError(f"--workers {args.workers}: allowed 1..64")
+    from fedtail.sweep import load_sweep
+    from flows.sweep import prepare
+
+    spec = load_sweep(args.sweep_file)
+    if args.overrides:
+        spec = spec.model_copy(update={"set": {**spec.set, **_overrides(args)}})
+    prepare(spec, _sweep_id(args), root)
+
+
+def _sweep(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
+    from fedtail.io import under
+
+    if args.show:
+        path = under(root, cfg.output.sweeps_dir) / args.show / "summary.md"
+        if not path.is_file():
+            raise ConfigError(f"no sweep {args.show!r}: {path} does not exist")
+        print(path.read_text(), end="")
+        return 0
+    from fedtail.prefect_server import temporary_server
+    from flows.sweep import fl_sweep
+
+    sweep_id = _sweep_id(args)
+    try:
+        with _sigterm_interrupts(), temporary_server():
+            sweep_dir = fl_sweep(
+                sweep_path=str(Path(args.sweep_file).resolve()),
+                sweep_id=sweep_id,
+                root=str(root),
+                workers=args.workers,
+                overrides=_overrides(args),
+                progress=sys.stderr.isatty(),
+            )
+    except KeyboardInterrupt:
+        print(
+            f"\nfedtail: interrupted; run the same command again to continue sweep {sweep_id}",
+            file=sys.stderr,
+        )
+        return 130
+    print((Path(sweep_dir) / "summary.md").read_text(), end="")
+    print(f"sweep {sweep_id}: {sweep_dir}")
+    return 0

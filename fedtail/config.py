@@ -302,6 +302,7 @@ class OutputConfig(_Section):
     data_dir: PathText = "data"
     artifacts_dir: PathText = "artifacts"
     runs_dir: PathText = "runs"
+    sweeps_dir: PathText = Field("sweeps", description="Where `fedtail sweep` writes sweep folders.")
     run_id: Annotated[str, AfterValidator(check_run_id)] | None = Field(
         None, description="Fixed run id (a folder name, see `check_run_id`); default is time + config hash."
     )
@@ -633,7 +634,7 @@ def check_paths(cfg: FedtailConfig, root: str | Path = ".") -> None:
 
     root = Path(root)
     problems = []
-    for field in ("data_dir", "artifacts_dir", "runs_dir"):
+    for field in ("data_dir", "artifacts_dir", "runs_dir", "sweeps_dir"):
         value = getattr(cfg.output, field)
         problem = _folder_problem(under(root, value))
         if problem:
