@@ -62,6 +62,10 @@ class ClientData:
     y: np.ndarray
     x_unlabeled: np.ndarray
 
+    @property
+    def nbytes(self) -> int:
+        return self.x.nbytes + self.y.nbytes + self.x_unlabeled.nbytes
+
     def class_counts(self, num_classes: int) -> np.ndarray:
         return np.bincount(self.y, minlength=num_classes).astype(np.int64)
 
@@ -92,20 +96,13 @@ class _ClientCache:
                 self._items.move_to_end(key)
                 return self._items[key]
         data = load()
-        size = data.x.nbytes + data.y.nbytes + data.x_unlabeled.nbytes
         with self._lock:
-            if key not in self._items and size <= self.max_bytes:
+            if key not in self._items and data.nbytes <= self.max_bytes:
                 self._items[key] = data
-                self.bytes += size
+                self.bytes += data.nbytes
                 while self.bytes > self.max_bytes:
-                    _, old = self._items.popitem(last=False)
-                    self.bytes -= old.x.nbytes + old.y.nbytes + old.x_unlabeled.nbytes
+                    self.bytes -= self._items.popitem(last=False)[1].nbytes
         return data
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.bytes = 0
 
 
 _CLIENTS = _ClientCache(CLIENT_CACHE_BYTES)

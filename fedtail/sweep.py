@@ -158,7 +158,11 @@ class Cell:
     labels: dict[str, Any]
     seed: int
     config: FedtailConfig
-    run_id: str = ""
+
+    @property
+    def run_id(self) -> str:
+        """The run folder's name: ``r-<experiment fingerprint>`` (set by `expand`)."""
+        return self.config.output.run_id or ""
 
     def key(self) -> str:
         return json.dumps(self.labels, sort_keys=True)
@@ -204,7 +208,7 @@ def expand(spec: SweepSpec, root: Path, sweep_dir: Path) -> list[Cell]:
                     continue
                 run_id = f"r-{cfg.experiment_fingerprint()}"
                 cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"run_id": run_id})})
-                cells.append(Cell(labels, seed, cfg, run_id))
+                cells.append(Cell(labels, seed, cfg))
     if problems:
         raise InvalidCells(problems=problems)
     return cells
@@ -292,11 +296,11 @@ def run_cells(
     """Run every cell not finished before, ``workers`` at a time in spawned processes; outcomes in cell
     order. ``data(cfg)`` gives (staged dir, partition dir) for a config: staged once per data variant in
     this process, before the runs, so runs share it."""
+    from fedtail import pipeline
+
     outcomes: dict[int, Outcome] = {}
     todo: list[tuple[int, Cell, Path, Path]] = []
     for i, cell in enumerate(cells):
-        from fedtail import pipeline
-
         run_dir = pipeline.new_run_dir(cell.config, root)
         done = finished_metrics(run_dir, cell.config)
         if done is not None:

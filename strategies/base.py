@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import ClassVar, NamedTuple
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -23,7 +23,7 @@ from clients.state import split_state
 from clients.state import to_bytes as state_to_bytes
 from fedtail import protocol as P
 from fedtail.config import FedtailConfig
-from fedtail.models import array_to_numpy
+from fedtail.models import array_from_numpy, array_to_numpy
 from fedtail.registry import PluginOptions
 
 log = logging.getLogger("fedtail.strategy")
@@ -88,7 +88,7 @@ def weighted_mean(updates: list[Decoded], weights: list[float]) -> ArrayRecord:
                 out[key] = value * factor
             else:
                 out[key] += value * factor
-    return ArrayRecord({key: Array(np.asarray(value)) for key, value in out.items()})
+    return ArrayRecord({key: array_from_numpy(np.asarray(value)) for key, value in out.items()})
 
 
 def weighted_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
