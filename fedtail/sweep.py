@@ -16,8 +16,9 @@ values), optional named variants (several fields under one label), the seeds and
 Everything here is plain functions: `load_sweep` (checks the file), `expand` (every cell's config,
 every invalid one reported before anything runs), `run_cells` (the runs, in worker processes), and
 `write_summary` (runs.csv, summary.csv/.md, plot). Each run is an ordinary fedtail run folder in
-``<sweeps_dir>/<sweep-id>/runs/<experiment fingerprint>``: a finished run is skipped on the next
-invocation, a crashed one resumes from its checkpoint, and a new axis value only runs its new cells.
+``<sweeps_dir>/<sweep-id>/runs/r-<experiment fingerprint>-<data version>``: a finished run is skipped on
+the next invocation, a crashed one resumes from its checkpoint, and a new axis value only runs its new
+cells.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ class Cell:
 
     @property
     def run_id(self) -> str:
-        """The run folder's name: ``r-<experiment fingerprint>`` (set by `expand`)."""
+        """The run folder's name: ``r-<experiment fingerprint>-<data version>`` (set by `expand`)."""
         return self.config.output.run_id or ""
 
     def key(self) -> str:
@@ -184,7 +185,11 @@ class InvalidCells(ConfigError):
 
 def expand(spec: SweepSpec, root: Path, sweep_dir: Path) -> list[Cell]:
     """Every cell in a stable order (axes in file order, then variants, then seeds), each run folder at
-    ``sweep_dir/runs/<experiment fingerprint>``; raises `InvalidCells` listing every refused one."""
+    ``sweep_dir/runs/r-<experiment fingerprint>-<data version>``; raises `InvalidCells` listing every
+    refused one. The data version (its md5 in data.dvc) is part of the name: a sweep re-run after
+    ``fedtail data add`` recorded new data runs again instead of reusing results of the old data."""
+    from fedtail.staging import data_md5
+
     base = read_config_file(io.under(root, spec.base))
     grids = [list(values) for values in spec.axes.values()]
     variants = list(spec.variants) or [None]
@@ -206,7 +211,7 @@ def expand(spec: SweepSpec, root: Path, sweep_dir: Path) -> list[Cell]:
                         ({**labels, SEED: seed}, str(err).removeprefix("invalid fedtail config:\n"))
                     )
                     continue
-                run_id = f"r-{cfg.experiment_fingerprint()}"
+                run_id = f"r-{cfg.experiment_fingerprint()}-{data_md5(cfg, root)[:8] or 'unversioned'}"
                 cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"run_id": run_id})})
                 cells.append(Cell(labels, seed, cfg))
     if problems:

@@ -78,6 +78,22 @@ def test_expand_orders_cells_and_keys_runs_by_experiment(tmp_path: Path, project
     assert cells[0].config.output.runs_dir == str(tmp_path / "s" / "runs")
 
 
+def test_run_ids_carry_the_data_version(tmp_path: Path, project: Path) -> None:
+    """New data recorded in data.dvc gives new run folders: results of the old data are not reused."""
+    text = (project / "data.dvc").read_text()
+    md5 = yaml.safe_load(text)["outs"][0]["md5"]
+    ids = []
+    for name, recorded in (("old", md5), ("new", "0" * len(md5))):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "data.dvc").write_text(text.replace(md5, recorded))
+        spec = sweep.load_sweep(_write(root, root, seeds=[0]))
+        ids.append(sweep.expand(spec, root, tmp_path / "s")[0].run_id)
+    old, new = ids
+    assert old.startswith("r-") and new.split("-")[1] == old.split("-")[1]  # same experiment
+    assert new != old and "unversioned" not in old + new
+
+
 def test_summary_means_stds_and_best_per_direction() -> None:
     spec = sweep.SweepSpec(axes={"x": [1, 2]}, seeds=[0, 1], metrics=["final_accuracy", "forgetting"])
     cfg = None
