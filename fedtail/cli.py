@@ -118,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep_file", nargs="?", help="sweep YAML, e.g. benchmarks/sweeps/skew.yaml")
     p.add_argument("--workers", type=int, help="runs at a time (default: the file's workers)")
     p.add_argument("--sweep-id", help="sweep folder name (default: the file's name without .yaml)")
-    p.add_argument("--show", metavar="SWEEP_ID", help="print the summary table of a sweep and exit")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--show", metavar="SWEEP_ID", help="print the summary table of a sweep and exit")
+    mode.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve the sweep as a Prefect deployment on the sweep file's serve.cron schedule(s)",
+    )
     p = command(
         "data",
         "version a dataset: 'data add DATASET' materializes its raw files (dataset.* from --config/--set) "
@@ -271,10 +277,6 @@ def _dispatch(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def _sweep_id(args: argparse.Namespace) -> str:
     from fedtail.config import check_run_id
 
@@ -313,10 +315,15 @@ def _sweep(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
             raise ConfigError(f"no sweep {args.show!r}: {path} does not exist")
         print(path.read_text(), end="")
         return 0
+    sweep_id = _sweep_id(args)
+    if args.serve:
+        from flows.serve import serve_sweep
+
+        serve_sweep(str(Path(args.sweep_file).resolve()), sweep_id, _overrides(args), str(root), args.workers)
+        return 0
     from fedtail.prefect_server import temporary_server
     from flows.sweep import fl_sweep
 
-    sweep_id = _sweep_id(args)
     try:
         with _sigterm_interrupts(), temporary_server():
             sweep_dir = fl_sweep(
@@ -336,3 +343,7 @@ def _sweep(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
     print((Path(sweep_dir) / "summary.md").read_text(), end="")
     print(f"sweep {sweep_id}: {sweep_dir}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -44,6 +44,7 @@ from fedtail import io, runs
 from fedtail.config import (
     ConfigError,
     FedtailConfig,
+    ServeConfig,
     _check_key,
     _format_errors,
     _parse_yaml,
@@ -66,6 +67,21 @@ METRICS: dict[str, bool] = {
 SEED = "seed"
 
 
+class SweepServe(ServeConfig):
+    """`fedtail sweep FILE --serve`: the sweep as a Prefect deployment on cron schedule(s)."""
+
+    name: str | None = Field(  # type: ignore[assignment]
+        None, max_length=200, description="Prefect deployment name (null: sweep-<sweep id>)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None, info: Any) -> str | None:
+        from fedtail.config import _check_deployment_name
+
+        return None if value is None else _check_deployment_name(value, info)
+
+
 class SweepSpec(BaseModel):
     """A sweep file, checked."""
 
@@ -84,6 +100,9 @@ class SweepSpec(BaseModel):
         description=f"Final metrics to summarise, among {list(METRICS)}.",
     )
     workers: int = Field(1, ge=1, le=64, description="Runs at a time (processes on this machine).")
+    serve: SweepServe = Field(
+        default_factory=SweepServe, description="Deployment name and cron schedule(s) for --serve."
+    )
 
     @field_validator("set", "axes")
     @classmethod
@@ -395,7 +414,7 @@ def summary_rows(outcomes: list[Outcome], spec: SweepSpec) -> list[dict[str, Any
             values = [float(o.metrics[m]) for o in ok if o.metrics.get(m) is not None]
             values = [v for v in values if not math.isnan(v)]
             row[f"{m}_mean"] = statistics.fmean(values) if values else math.nan
-            row[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else math.nan)
+            row[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan  # 1 run: unknown
         rows.append(row)
     return rows
 
@@ -419,12 +438,18 @@ def summary_markdown(rows: list[dict[str, Any]], spec: SweepSpec, title: str) ->
         cells.append(f"{row['runs']}" + (f" ({row['failed']} failed)" if row["failed"] else ""))
         for m in spec.metrics:
             mean, std = row[f"{m}_mean"], row[f"{m}_std"]
-            text = "failed" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+            text = (
+                "failed" if math.isnan(mean) else f"{mean:.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}")
+            )
             cells.append(f"**{text}**" if best[m] == i else text)
         lines.append("| " + " | ".join(cells) + " |")
     seeds = ", ".join(str(s) for s in spec.seeds)
-    lines += ["", f"mean ± sample std over seeds {seeds}; bold: best of the column."]
+    lines += ["", f"mean ± sample std over seeds {seeds} (no ± for one run); bold: best of the column."]
     return "\n".join(lines) + "\n"
+
+
+def _err(std: float) -> float:
+    return 0.0 if math.isnan(std) else std
 
 
 def plot_summary(rows: list[dict[str, Any]], spec: SweepSpec, path: Path) -> Path:
@@ -454,7 +479,7 @@ def plot_summary(rows: list[dict[str, Any]], spec: SweepSpec, path: Path) -> Pat
             ax.errorbar(
                 [r[x_axis] for r in members],
                 [r[f"{metric}_mean"] for r in members],
-                yerr=[r[f"{metric}_std"] for r in members],
+                yerr=[_err(r[f"{metric}_std"]) for r in members],
                 marker="o",
                 capsize=3,
                 label=name,
@@ -469,7 +494,7 @@ def plot_summary(rows: list[dict[str, Any]], spec: SweepSpec, path: Path) -> Pat
                 [i + (j - (len(spec.metrics) - 1) / 2) * width for i in range(len(rows))],
                 [r[f"{m}_mean"] for r in rows],
                 width,
-                yerr=[r[f"{m}_std"] for r in rows],
+                yerr=[_err(r[f"{m}_std"]) for r in rows],
                 capsize=3,
                 label=m,
             )

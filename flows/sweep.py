@@ -29,7 +29,9 @@ PROGRESS_ARTIFACT = "fedtail-sweep-progress"
 
 
 def sweep_dir_of(spec: sweep.SweepSpec, sweep_id: str, root: Path) -> Path:
-    base = load_config(io.under(root, spec.base), schedule=False)
+    """``<output.sweeps_dir>/<sweep_id>``, the folder as the base config with the sweep's ``set`` says."""
+    where = {k: v for k, v in spec.set.items() if k == "output.sweeps_dir"}
+    base = load_config(io.under(root, spec.base), where, schedule=False)
     return io.under(root, base.output.sweeps_dir) / check_run_id(sweep_id)
 
 

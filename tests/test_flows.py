@@ -29,7 +29,7 @@ from flows.pipeline import (
     round_message,
     round_progress,
 )
-from flows.serve import build_deployment
+from flows.serve import build_deployment, build_sweep_deployment
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -125,6 +125,28 @@ def test_deployment_has_one_cron_schedule_per_entry(tmp_path: Path) -> None:
         "overrides": {"partition.alpha": 0.1},
         "root": str(tmp_path.resolve()),
     }
+
+
+def test_sweep_deployment_continues_one_sweep_on_its_cron(tmp_path: Path) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text("axes: {partition.alpha: [0.1, 1.0]}\nserve: {cron: '0 2 * * 0'}\n")
+    deployment = build_sweep_deployment(str(path), "grid", {"train.epochs": 1}, root=str(tmp_path), workers=2)
+
+    assert deployment.name == "sweep-grid" and deployment.flow_name == "fedtail-sweep"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * 0"]
+    assert deployment.parameters == {
+        "sweep_path": str(path.resolve()),
+        "sweep_id": "grid",
+        "root": str(tmp_path.resolve()),
+        "workers": 2,
+        "overrides": {"train.epochs": 1},
+    }
+    path.write_text("serve: {name: weekly, cron: ['0 2 * * 0', '0 2 * * 3']}\n")
+    deployment = build_sweep_deployment(str(path), "grid")
+    assert deployment.name == "weekly" and len(deployment.schedules) == 2
+    path.write_text("serve: {cron: '0 25 * * *'}\n")
+    with pytest.raises(ConfigError, match="serve.cron"):
+        build_sweep_deployment(str(path), "grid")
 
 
 def test_deployment_rejects_a_bad_config(tmp_path: Path) -> None:

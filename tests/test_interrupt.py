@@ -7,6 +7,7 @@ long enough to be interrupted mid-way, and waits for the first checkpoint before
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import signal
 import subprocess
@@ -193,3 +194,78 @@ def test_detached_server_runs_exactly_prefects_command(monkeypatch: pytest.Monke
     assert our_kwargs.pop("start_new_session") is True and callable(our_kwargs.pop("preexec_fn"))
     assert our_kwargs == prefect_kwargs
     assert "127.0.0.1" in our_kwargs["args"]
+
+
+def test_ctrl_c_stops_a_sweep_and_running_it_again_gives_the_same_table(
+    project: Path, tmp_path: Path, prefect_home: Path
+) -> None:
+    """Ctrl-C mid-sweep: exit 130, workers gone, the hint; the same command again finishes the sweep with
+    the table an uninterrupted sweep gives (finished runs kept, the interrupted one resumed)."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"base: {SMOKE}\n"
+        "set:\n"
+        "  tasks.classes_per_task: null\n"
+        "  federation.rounds_per_task: 120\n"
+        f"  output.data_dir: {project / 'data'}\n"
+        f"  output.artifacts_dir: {tmp_path / 'artifacts'}\n"
+        f"  output.sweeps_dir: {tmp_path / 'sweeps'}\n"
+        "axes: {partition.alpha: [0.5, 1.0, 5.0]}\n"
+        "seeds: [0]\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env |= {"PYTHONPATH": str(REPO), "PREFECT_HOME": str(prefect_home)}
+    log_path = tmp_path / "sweep.log"
+
+    def sweep(*extra: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "fedtail.cli", "sweep", str(grid), "--root", str(project), *extra]
+        with log_path.open("a") as log:
+            return subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=as_terminal_job,
+            )
+
+    runs = tmp_path / "sweeps" / "grid" / "runs"
+    proc = sweep()
+    try:
+        deadline = time.monotonic() + 240
+        while not (  # one run finished, the next one mid-way (its checkpoint written)
+            list(runs.glob("*/metrics.json"))
+            and [c for c in runs.glob("*/checkpoint.pt") if not (c.parent / "metrics.json").exists()]
+        ):
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no finished run and one mid-way within 240 s"
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = log_path.read_text()
+    assert rc == 130, output[-3000:]
+    assert "interrupted; run the same command again to continue sweep grid" in output
+    assert "Traceback" not in output, output[-3000:]
+    assert _alive(children, timeout=10) == []
+    assert not (tmp_path / "sweeps" / "grid" / "summary.csv").exists()
+    assert len(list(runs.glob("*/metrics.json"))) < 3
+
+    assert sweep().wait(300) == 0, log_path.read_text()[-3000:]
+    assert sweep("--sweep-id", "reference").wait(300) == 0, log_path.read_text()[-3000:]
+
+    def table(sweep_id: str) -> list[dict[str, str]]:
+        with (tmp_path / "sweeps" / sweep_id / "summary.csv").open() as fh:
+            return list(csv.DictReader(fh))
+
+    resumed, reference = table("grid"), table("reference")
+    assert [r["partition.alpha"] for r in resumed] == ["0.5", "1.0", "5.0"]
+    assert len(resumed) == len(reference)
+    for got, want in zip(resumed, reference, strict=True):
+        assert got.keys() == want.keys() and got["runs"] == "1" and got["failed"] == "0"
+        for key in got:  # the same machine's float kernels: equal up to a stated 1e-9 ('' is NaN)
+            value, expected = (float(row[key] or "nan") for row in (got, want))
+            assert value == pytest.approx(expected, rel=1e-9, abs=1e-9, nan_ok=True), key

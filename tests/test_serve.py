@@ -112,12 +112,14 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         assert "bulk DML" not in text, f"the scheduler failed (SQLAlchemy 2.1?): {home / 'server.log'}"
 
 
-def _serve(env: dict[str, str], project: Path, out: Path, log: Path) -> subprocess.Popen:
+def _serve(
+    env: dict[str, str], project: Path, out: Path, log: Path, command: tuple[str, ...] = ("serve",)
+) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
         "fedtail.cli",
-        "serve",
+        *command,
         "--config",
         SMOKE,
         "--root",
@@ -132,6 +134,8 @@ def _serve(env: dict[str, str], project: Path, out: Path, log: Path) -> subproce
         f"output.artifacts_dir={out / 'artifacts'}",
         "--set",
         f"output.runs_dir={out / 'runs'}",
+        "--set",
+        f"output.sweeps_dir={out / 'sweeps'}",
     ]
     return subprocess.Popen(
         cmd,
@@ -144,11 +148,11 @@ def _serve(env: dict[str, str], project: Path, out: Path, log: Path) -> subproce
     )
 
 
-def _deployment_runs(api: str) -> tuple[Any, list[Any]]:
+def _deployment_runs(api: str, name: str = DEPLOYMENT) -> tuple[Any, list[Any]]:
     """The deployment and its flow runs, read from the API (None, [] before it is registered)."""
     with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         try:
-            deployment = client.read_deployment_by_name(DEPLOYMENT)
+            deployment = client.read_deployment_by_name(name)
         except Exception:  # noqa: BLE001 - not registered yet
             return None, []
         runs = client.read_flow_runs(
@@ -198,3 +202,35 @@ def test_serve_runs_on_schedule_and_pauses_when_stopped(
         rc = _stop(serve, signal.SIGTERM)
     assert rc == 0, log.read_text()[-3000:]
     assert _deployment_runs(api)[0].paused
+
+
+def test_a_served_sweep_runs_on_its_schedule(
+    live_server: dict[str, str], project: Path, tmp_path: Path
+) -> None:
+    """`fedtail sweep FILE --serve`: the sweep file's cron gives a completed sweep with its table."""
+    api = live_server["PREFECT_API_URL"]
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"base: {SMOKE}\n"
+        "set: {tasks.classes_per_task: null, federation.rounds_per_task: 1}\n"
+        "axes: {partition.alpha: [0.5]}\n"
+        "seeds: [0]\n"
+        "serve: {name: sweep-serve-test, cron: '* * * * *'}\n"
+    )
+    log = tmp_path / "serve.log"
+    serve = _serve(live_server, project, tmp_path, log, ("sweep", str(grid), "--serve"))
+    try:
+
+        def completed() -> list[Any]:
+            _, runs = _deployment_runs(api, "fedtail-sweep/sweep-serve-test")
+            bad = [r for r in runs if r.state and r.state.type.value in ("FAILED", "CRASHED")]
+            assert not bad, f"scheduled sweep failed: {bad[0].state}\n{log.read_text()[-3000:]}"
+            return [r for r in runs if r.state and r.state.type.value == "COMPLETED"]
+
+        _wait_for("a scheduled sweep to complete", completed, timeout=200, proc=serve)
+    finally:
+        rc = _stop(serve, signal.SIGINT)
+    assert rc == 0, log.read_text()[-3000:]
+    summary = (tmp_path / "sweeps" / "grid" / "summary.md").read_text()
+    assert "| 0.5 | 1 |" in summary
+    assert _deployment_runs(api, "fedtail-sweep/sweep-serve-test")[0].paused
