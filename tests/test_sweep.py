@@ -162,3 +162,28 @@ def test_the_table_does_not_depend_on_the_number_of_workers(tmp_path: Path, proj
         sweep.write_summary(spec_dir, outcomes, spec, "t")
         tables.append((spec_dir / "summary.md").read_text())
     assert tables[0] == tables[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "fedtail sweep needs a sweep file"),
+        (["{grid}", "--workers", "0"], "--workers 0: allowed 1..64"),
+        (["{grid}", "--sweep-id", "a/b"], "--sweep-id 'a/b'"),
+        (["{bad}"], "1 sweep cell(s) are not valid configs; nothing was run"),
+        (["{missing}"], "does not exist"),
+        (["--show", "nope"], "no sweep 'nope'"),
+    ],
+)
+def test_cli_refuses_bad_input_before_any_work(
+    tmp_path: Path, project: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    from fedtail.cli import main
+
+    bad = _write(tmp_path, project, axes={"train.lr": [0.1, 0]}).rename(tmp_path / "bad.yaml")
+    grid = _write(tmp_path, project)
+    args = [a.format(grid=grid, bad=bad, missing=tmp_path / "missing.yaml") for a in args]
+    rc = main(["sweep", *args, "--root", str(project), "--set", f"output.sweeps_dir={tmp_path / 'sweeps'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "sweeps").exists()
