@@ -25,10 +25,11 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
 ## bench: in-process vs Ray engine and the main job's wall time, then the in-process engine vs a
-## hand-written loop at 20..10,000 clients (tens of minutes) -> benchmarks/results/
+## hand-written loop at 20..10,000 clients (tens of minutes), then a sweep vs 9 x `fedtail run` -> benchmarks/results/
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/engines.py
 	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/sweep_overhead.py
 
 ## clean: the rebuildable caches only (staged arrays, partitions); run folders hold results and stay
 clean:

@@ -297,6 +297,7 @@ def run_one(cfg_json: str, root: str, staged: str, parts: str) -> dict[str, Any]
         cfg = build_config(json.loads(cfg_json), schedule=False)
         run_dir = pipeline.new_run_dir(cfg, Path(root))
         pipeline.simulate(cfg, Path(staged), Path(parts), run_dir, mode=_mode_for(run_dir))
+        pipeline.report(run_dir)  # the same run folder `fedtail run` leaves: plots and report.md too
         metrics = json.loads((run_dir / "metrics.json").read_text())
         return {"metrics": metrics, "seconds": time.perf_counter() - start}
     except BaseException as err:  # noqa: BLE001 - a failed run is a row of the table, not a crash
@@ -484,6 +485,11 @@ def plot_summary(rows: list[dict[str, Any]], spec: SweepSpec, path: Path) -> Pat
                 capsize=3,
                 label=name,
             )
+        values = [float(v) for v in spec.axes[x_axis]]
+        if min(values) > 0 and max(values) / min(values) >= 10:  # e.g. Dirichlet alpha: a log quantity
+            ax.set_xscale("log")
+            ax.set_xticks(values, [str(v) for v in spec.axes[x_axis]])
+            ax.minorticks_off()
         ax.set_xlabel(x_axis)
         ax.set_ylabel(metric)
     else:
