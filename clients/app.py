@@ -103,6 +103,7 @@ def train(msg: Message, context: Context) -> Message:
         task_classes=task_classes,
         seen_classes=[int(c) for c in conf["seen-classes"]],
         class_prior=np.asarray(conf[P.CLASS_PRIOR], dtype=np.float64),
+        global_counts=np.asarray(conf[P.CLASS_COUNTS], dtype=np.int64) if P.CLASS_COUNTS in conf else None,
         class_counts=data.class_counts(cfg.num_classes),
         model=model,
         global_model_fn=lambda: _fresh_model(job, received),

@@ -43,6 +43,11 @@ class LocalContext:
     state: RecordDict
     device: torch.device
     options: dict[str, Any] = field(default_factory=dict)
+    global_counts: np.ndarray | None = None
+    """Per-class training counts summed over all clients (what the server derived the prior from)."""
+    train_counts: np.ndarray | None = None
+    """Per-class counts of this round's training labels (after the continual method's replay); set by
+    `train_local` before the objective is built."""
 
     @functools.cached_property
     def global_model(self) -> nn.Module:
@@ -140,12 +145,13 @@ def make_optimizer(model: nn.Module, job: Job) -> torch.optim.Optimizer:
 def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
     """Run ``train.epochs`` epochs of minibatch training; return (mean loss, examples per epoch)."""
     cfg = ctx.job.config
-    objective = OBJECTIVES.get(cfg.train.objective)(ctx)
     method = CONTINUAL.get(cfg.continual.method)(ctx)
     xt, yt = method.training_data(torch.from_numpy(x), torch.from_numpy(y))
     n = int(yt.shape[0])
     if n == 0:
         return 0.0, 0
+    ctx.train_counts = np.bincount(yt.numpy(), minlength=cfg.num_classes).astype(np.int64)
+    objective = OBJECTIVES.get(cfg.train.objective)(ctx)
     xt, yt = xt.to(ctx.device), yt.to(ctx.device)
     model = ctx.model if on_device(ctx.model, ctx.device) else ctx.model.to(ctx.device)
     optimizer = make_optimizer(model, ctx.job)

@@ -25,6 +25,7 @@ INFO = "info"
 JOB = "job"
 PARTITION_ID = "partition-id"
 CLASS_PRIOR = "class-prior"
+CLASS_COUNTS = "class-counts"  # per class, summed over every client: the global counts the prior comes from
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 TASK = "task"

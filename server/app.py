@@ -133,6 +133,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
                 "task-classes": list(schedule.tasks[t]),
                 "seen-classes": seen,
                 P.CLASS_PRIOR: prior.tolist(),
+                P.CLASS_COUNTS: [int(c) for c in counts.sum(axis=0)],
             }
         )
 

@@ -9,9 +9,11 @@ proximal terms (FedProx, MOON, ...) fit the same hook.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
+import numpy as np
 import torch
+from pydantic import Field
 
 from fedtail.registry import PluginOptions
 
@@ -40,3 +42,36 @@ class LocalObjective:
 
     def end(self) -> None:
         """Called once after the last local step (update client state here)."""
+
+    def class_counts(self, source: str) -> torch.Tensor:
+        """Per-class counts a rebalancing loss uses, as float on the model's device.
+
+        ``global``: summed over every client by the server (the global label distribution the papers'
+        centralised losses assume); ``local``: this round's training labels on this client (its own
+        skew, as in client-side logit calibration). Classes with no sample count 0.
+        """
+        if source == "local":
+            counts = self.ctx.train_counts
+        else:
+            counts = self.ctx.global_counts
+            if counts is None:
+                raise RuntimeError("global class counts missing from the train message (old server?)")
+        if counts is None:
+            raise RuntimeError("train_local sets the round's class counts before building the objective")
+        return torch.as_tensor(
+            np.asarray(counts, dtype=np.float64), dtype=torch.float32, device=self.ctx.device
+        )
+
+
+class CountsOptions(PluginOptions):
+    """Options of objectives that rebalance by class counts: whose counts they use."""
+
+    counts: Literal["global", "local"] = Field(
+        "global", description="global: all clients' counts (server-derived); local: this client's round."
+    )
+
+
+def log_counts(counts: torch.Tensor) -> torch.Tensor:
+    """log n_j, with classes that have no sample at log(1e-12): out of the softmax in effect (a class
+    with no training sample gets no probability mass to learn from anyway), never -inf or NaN."""
+    return torch.log(counts.clamp_min(1e-12))

@@ -1,0 +1,58 @@
+"""Focal loss (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, eq. 5), softmax form.
+
+``FL(p_t) = -alpha_t (1 - p_t)^gamma log p_t``: well-classified examples (p_t near 1) are down-weighted,
+so the many easy head-class samples stop dominating the gradient. ``gamma = 0`` is cross-entropy. The
+paper's ``gamma = 2``; ``alpha`` (its class-balancing weight) is off by default here since for multi-class
+data no single alpha exists; ``alpha: inverse`` weights classes by inverse frequency (normalised to mean 1
+over present classes).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch.nn import functional as F
+
+from clients.objectives import CountsOptions, LocalObjective
+from fedtail.registry import OBJECTIVES
+
+
+def focal_loss(
+    logits: torch.Tensor, y: torch.Tensor, gamma: float, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over the batch of ``-w_y (1 - p_y)^gamma log p_y`` (w = 1 without ``weight``)."""
+    logp = F.log_softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
+    loss = -((1.0 - logp.exp()).clamp_min(0.0) ** gamma) * logp
+    if weight is not None:
+        loss = loss * weight[y]
+    return loss.mean()
+
+
+def inverse_frequency(counts: torch.Tensor) -> torch.Tensor:
+    """``n / (C n_c)`` over the C classes present (scikit-learn's ``class_weight="balanced"``), 0 else."""
+    present = counts > 0
+    weights = torch.zeros_like(counts)
+    weights[present] = counts[present].sum() / (int(present.sum()) * counts[present])
+    return weights
+
+
+@OBJECTIVES.register("focal")
+class Focal(LocalObjective):
+    class Options(CountsOptions):
+        """``gamma``: focusing parameter (2 in the paper); ``alpha``: none or inverse-frequency weights
+        (from ``counts``)."""
+
+        gamma: float = Field(2.0, ge=0.0, le=10.0)
+        alpha: Literal["none", "inverse"] = "none"
+
+    def begin(self) -> None:
+        self.weight = (
+            inverse_frequency(self.class_counts(self.options.counts))
+            if self.options.alpha == "inverse"
+            else None
+        )
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return focal_loss(logits, y, self.options.gamma, self.weight)

@@ -1,0 +1,192 @@
+"""Local rebalancing objectives: each one's defining math on a tiny case (by hand in numpy, and against
+scikit-learn where it has the same quantity), whose class counts they use, and that each trains."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import RecordDict
+from sklearn.utils.class_weight import compute_class_weight
+from torch.nn import functional as F
+
+from clients.local import LocalContext, train_local
+from fedtail.config import ConfigError, build_config
+from fedtail.models import build_model
+from fedtail.protocol import Job
+from fedtail.registry import OBJECTIVES
+
+LOGITS = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0], [0.0, 1.0, 0.0], [1.0, -2.0, 0.5]])
+Y = torch.tensor([0, 2, 1, 1])
+GLOBAL = np.array([50, 5, 1])
+LOCAL = np.array([3, 1, 0])
+
+
+def _ctx(objective: str, options: dict | None = None, model: torch.nn.Module | None = None) -> LocalContext:
+    cfg = build_config(
+        {
+            "train": {
+                "objective": objective,
+                "options": options or {},
+                "epochs": 5,
+                "batch_size": 8,
+                "lr": 0.05,
+            }
+        }
+    )
+    model = model or build_model("mlp", (3,), 10, 4, 0)
+    frozen = copy.deepcopy(model)
+    return LocalContext(
+        job=Job(cfg, Path("."), Path(".")),
+        partition_id=0,
+        task=0,
+        global_round=1,
+        task_classes=[0, 1, 2],
+        seen_classes=[0, 1, 2],
+        class_prior=GLOBAL / GLOBAL.sum(),
+        class_counts=LOCAL,
+        model=model,
+        global_model_fn=lambda: frozen,
+        state=RecordDict(),
+        device=torch.device("cpu"),
+        global_counts=GLOBAL,
+        train_counts=LOCAL,
+    )
+
+
+def _loss(objective: str, **options) -> float:
+    obj = OBJECTIVES.get(objective)(_ctx(objective, options))
+    obj.begin()
+    return float(obj.loss(LOGITS, Y, torch.zeros(4, 1)))
+
+
+def _nll(probs: np.ndarray) -> np.ndarray:
+    """-log p_y per sample from a (batch, classes) probability table."""
+    return -np.log(probs[np.arange(len(Y)), Y.numpy()])
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_balanced_softmax_is_count_weighted_softmax() -> None:
+    """Ren et al. 2020, eq. 4: p_j = n_j e^{z_j} / sum_k n_k e^{z_k}."""
+    z = LOGITS.double().numpy()
+    probs = GLOBAL * np.exp(z) / (GLOBAL * np.exp(z)).sum(1, keepdims=True)
+    assert _loss("balanced_softmax") == pytest.approx(_nll(probs).mean(), rel=1e-5)
+    local = LOCAL * np.exp(z) / (LOCAL * np.exp(z)).sum(1, keepdims=True)  # class 2 absent: no mass
+    ok = Y.numpy() != 2
+    obj = OBJECTIVES.get("balanced_softmax")(_ctx("balanced_softmax", {"counts": "local"}))
+    obj.begin()
+    got = obj.loss(LOGITS[ok], Y[ok], torch.zeros(3, 1))
+    assert float(got) == pytest.approx(-np.log(local[ok, Y.numpy()[ok]]).mean(), rel=1e-5)
+
+
+def test_logit_adjustment_adds_tau_log_prior() -> None:
+    """Menon et al. 2021, eq. 10: CE(z + tau log pi); tau = 1 is Balanced Softmax, tau = 0 is CE."""
+    z, prior = LOGITS.double().numpy(), GLOBAL / GLOBAL.sum()
+    assert _loss("logit_adjusted", tau=0.5) == pytest.approx(
+        _nll(_softmax(z + 0.5 * np.log(prior))).mean(), rel=1e-5
+    )
+    assert _loss("logit_adjusted", tau=1.0) == pytest.approx(_loss("balanced_softmax"), rel=1e-6)
+    assert _loss("logit_adjusted", tau=0.0) == pytest.approx(float(F.cross_entropy(LOGITS, Y)), rel=1e-6)
+
+
+def test_focal_loss_down_weights_easy_examples() -> None:
+    """Lin et al. 2017, eq. 5: -(1 - p_t)^gamma log p_t; gamma = 0 is CE."""
+    p = _softmax(LOGITS.double().numpy())[np.arange(4), Y.numpy()]
+    assert _loss("focal", gamma=2.0) == pytest.approx(np.mean(-((1 - p) ** 2) * np.log(p)), rel=1e-5)
+    assert _loss("focal", gamma=0.0) == pytest.approx(float(F.cross_entropy(LOGITS, Y)), rel=1e-6)
+    w = GLOBAL.sum() / (3 * GLOBAL)
+    expected = np.mean(-w[Y.numpy()] * (1 - p) ** 2 * np.log(p))
+    assert _loss("focal", gamma=2.0, alpha="inverse") == pytest.approx(expected, rel=1e-5)
+
+
+def test_inverse_frequency_weights_are_scikit_learns_balanced_weights() -> None:
+    labels = np.repeat([0, 1, 2], GLOBAL)
+    sk = compute_class_weight("balanced", classes=np.array([0, 1, 2]), y=labels)
+    obj = OBJECTIVES.get("weighted_ce")(_ctx("weighted_ce"))
+    obj.begin()
+    np.testing.assert_allclose(obj.weight.numpy(), sk, rtol=1e-6)
+    ce = F.cross_entropy(LOGITS, Y, reduction="none").double().numpy()
+    w = sk[Y.numpy()]
+    assert _loss("weighted_ce") == pytest.approx((w * ce).sum() / w.sum(), rel=1e-5)
+    local = OBJECTIVES.get("weighted_ce")(_ctx("weighted_ce", {"counts": "local"}))
+    local.begin()  # absent class 2 weighs 0; the present two as scikit-learn weighs them
+    np.testing.assert_allclose(
+        local.weight.numpy(),
+        [*compute_class_weight("balanced", classes=np.array([0, 1]), y=np.array([0, 0, 0, 1])), 0.0],
+        rtol=1e-6,
+    )
+
+
+def test_class_balanced_weights_are_inverse_effective_numbers() -> None:
+    """Cui et al. 2019, eq. 5: w_c proportional to (1 - beta) / (1 - beta^n_c), summing to C."""
+    beta = 0.9
+    effective = (1 - beta**GLOBAL) / (1 - beta)
+    w = (1 / effective) / (1 / effective).sum() * 3
+    ce = F.cross_entropy(LOGITS, Y, reduction="none").double().numpy()
+    assert _loss("class_balanced", beta=beta) == pytest.approx(np.mean(w[Y.numpy()] * ce), rel=1e-5)
+    assert _loss("class_balanced", beta=0.0) == pytest.approx(float(F.cross_entropy(LOGITS, Y)), rel=1e-6)
+    near_one = OBJECTIVES.get("class_balanced")(_ctx("class_balanced", {"beta": 0.999999}))
+    near_one.begin()  # beta -> 1: inverse frequency
+    inverse = (1 / GLOBAL) / (1 / GLOBAL).sum() * 3
+    np.testing.assert_allclose(near_one.weight.numpy(), inverse, rtol=1e-3)
+    p = _softmax(LOGITS.double().numpy())[np.arange(4), Y.numpy()]
+    focal = np.mean(w[Y.numpy()] * -((1 - p) ** 2) * np.log(p))
+    assert _loss("class_balanced", beta=beta, loss="focal", gamma=2.0) == pytest.approx(focal, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("objective", "options", "message"),
+    [
+        ("focal", {"gamma": -1.0}, "gamma"),
+        ("class_balanced", {"beta": 1.0}, "beta"),
+        ("logit_adjusted", {"counts": "both"}, "counts"),
+        ("balanced_softmax", {"tau": 1.0}, "tau"),
+    ],
+)
+def test_bad_objective_options_are_refused_before_work(objective: str, options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config({"train": {"objective": objective, "options": options}})
+
+
+@pytest.mark.parametrize(
+    "objective", ["weighted_ce", "class_balanced", "focal", "balanced_softmax", "logit_adjusted"]
+)
+def test_each_objective_trains_a_long_tailed_toy_problem(objective: str) -> None:
+    """Three separable classes, 40 / 8 / 2 samples: every objective fits them; the round's counts are
+    the training labels'."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [40, 8, 2]).astype(np.int64)
+    x = (rng.normal(size=(50, 3)) * 0.3 + np.eye(3)[y] * 3).astype(np.float32)
+    torch.manual_seed(0)
+    ctx = _ctx(objective, model=build_model("mlp", (3,), 10, 16, 0))
+    ctx.train_counts, ctx.global_counts = None, np.bincount(y, minlength=10)
+    train_local(ctx, x, y)
+    np.testing.assert_array_equal(ctx.train_counts[:3], [40, 8, 2])
+    with torch.no_grad():
+        pred = ctx.model(torch.from_numpy(x)).argmax(1).numpy()
+    assert (pred == y).mean() == 1.0
+
+
+def test_a_federation_sends_clients_the_global_counts(project: Path, tmp_path: Path) -> None:
+    """The server's class counts reach the clients: a global-count objective trains every client."""
+    import csv
+
+    from fedtail import pipeline
+    from tests.conftest import smoke_config
+
+    cfg = smoke_config(
+        project,
+        **{"train.objective": "class_balanced", "output.runs_dir": str(tmp_path), "output.run_id": "cb"},
+    )
+    staged = pipeline.stage(cfg, project)
+    run_dir = pipeline.simulate(cfg, staged, pipeline.partition(cfg, staged, project), tmp_path / "cb")
+    with (run_dir / "rounds.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(r["num_failed"] == "0" and int(r["num_sampled"]) > 0 for r in rows)
