@@ -82,7 +82,7 @@ def _peak_mb() -> dict[str, float]:
 def plain_loop(cfg: FedtailConfig, staged: Path, parts: Path) -> dict:
     """The federation as one would write it by hand: one model, numpy arrays, no framework."""
     from clients.local import step_seed
-    from fedtail.models import build_model
+    from fedtail.models import model_for
     from strategies.base import sample_partitions
 
     torch.set_num_threads(cfg.engine.threads_per_client)  # as fedtail's clients do
@@ -106,7 +106,7 @@ def plain_loop(cfg: FedtailConfig, staged: Path, parts: Path) -> dict:
         )
 
     meta = json.loads((staged / "meta.json").read_text())
-    model = build_model(cfg.model_name(), meta["input_shape"], cfg.num_classes, cfg.model.hidden, cfg.seed)
+    model = model_for(cfg, meta["input_shape"])
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     accuracy, rss, ends = [], [], []
     for rnd in range(1, cfg.federation.rounds_per_task + 1):

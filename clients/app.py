@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from clients.local import ClientData, LocalContext, load_client_data, train_local
 from clients.state import persist_state
 from fedtail import protocol as P
-from fedtail.models import build_model, load_arrays, resolve_device, to_arrays
+from fedtail.models import load_arrays, model_for, resolve_device, to_arrays
 from fedtail.staging import staged_meta
 
 STATE_KEY = "fedtail-client"
@@ -47,9 +47,7 @@ _local = threading.local()  # per thread: an abandoned (timed-out) call never sh
 def _fresh_model(job: P.Job, arrays: ArrayRecord) -> torch.nn.Module:
     cfg = job.config
     shape = _input_shape(str(job.staged_dir))
-    return load_arrays(
-        build_model(cfg.model_name(), shape, cfg.num_classes, cfg.model.hidden, cfg.seed), arrays
-    )
+    return load_arrays(model_for(cfg, shape), arrays)
 
 
 def _model(job: P.Job, arrays: ArrayRecord) -> torch.nn.Module:
@@ -58,11 +56,12 @@ def _model(job: P.Job, arrays: ArrayRecord) -> torch.nn.Module:
     parameter and buffer is overwritten from ``arrays`` (strict), so reuse changes no result."""
     cfg = job.config
     shape = _input_shape(str(job.staged_dir))
-    key = (cfg.model_name(), shape, cfg.num_classes, cfg.model.hidden)
+    m = cfg.model
+    key = (cfg.model_name(), shape, cfg.num_classes, m.hidden, m.classifier, m.cosine_scale)
     models = _local.__dict__.setdefault("models", {})
     model = models.get(key)
     if model is None:
-        model = models[key] = build_model(key[0], shape, cfg.num_classes, cfg.model.hidden, cfg.seed)
+        model = models[key] = model_for(cfg, shape)
     for p in model.parameters():
         p.requires_grad_(True)
         p.grad = None

@@ -255,7 +255,11 @@ class ContinualConfig(_Section):
 
 class ModelConfig(_Section):
     name: str = Field("auto", description="Registered model, or 'auto' to pick by dataset.")
-    hidden: int = Field(128, ge=1, le=65_536, description="Hidden width of the MLP / CNN head.")
+    hidden: int = Field(128, ge=1, le=65_536, description="Hidden width of the MLP / CNN features.")
+    classifier: Literal["linear", "cosine"] = Field(
+        "linear", description="linear, or cosine: scale * cos(features, w_j) (LDAM's normalised classifier)."
+    )
+    cosine_scale: float = Field(30.0, gt=0.0, le=1000.0, description="Scale s of the cosine classifier.")
 
     @field_validator("name")
     @classmethod
@@ -364,6 +368,15 @@ class FedtailConfig(_Section):
                 f"federation.min_train_clients={self.federation.min_train_clients} exceeds "
                 f"federation.num_clients={self.federation.num_clients}"
             )
+        for registry, name in (
+            (OBJECTIVES, self.train.objective),
+            (CONTINUAL, self.continual.method),
+            (STRATEGIES, self.strategy.name),
+        ):
+            check = getattr(registry.get(name), "check_config", None)  # a plug-in's combination rules
+            problem = check(self) if check is not None else None
+            if problem:
+                raise ValueError(problem)
         return self
 
     # ---- derived views -------------------------------------------------------------------------

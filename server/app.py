@@ -24,7 +24,7 @@ from clients.state import from_bytes, restore_content
 from fedtail import io, runs
 from fedtail import protocol as P
 from fedtail.config import check_paths, from_run_config, parse_override_list
-from fedtail.models import build_model, resolve_device, to_arrays, to_state_dict
+from fedtail.models import model_for, resolve_device, to_arrays, to_state_dict
 from fedtail.partition import labeled_class_counts, load_schedule
 from fedtail.registry import STRATEGIES
 from fedtail.staging import load_staged, staged_meta
@@ -110,7 +110,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
     schedule = load_schedule(job.partition_dir)
     meta = staged_meta(job.staged_dir)
     device = resolve_device(cfg.engine.device)
-    model = build_model(cfg.model_name(), meta["input_shape"], cfg.num_classes, cfg.model.hidden, cfg.seed)
+    model = model_for(cfg, meta["input_shape"])
     evaluator = Evaluator(model, load_staged(job.staged_dir), device, threads=cfg.engine.threads_per_client)
     node_of, counts = discover_clients(grid, job, cfg.engine.timeout)
     prior = counts.sum(axis=0) / max(int(counts.sum()), 1)

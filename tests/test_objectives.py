@@ -25,18 +25,13 @@ GLOBAL = np.array([50, 5, 1])
 LOCAL = np.array([3, 1, 0])
 
 
-def _ctx(objective: str, options: dict | None = None, model: torch.nn.Module | None = None) -> LocalContext:
-    cfg = build_config(
-        {
-            "train": {
-                "objective": objective,
-                "options": options or {},
-                "epochs": 5,
-                "batch_size": 8,
-                "lr": 0.05,
-            }
-        }
-    )
+def _ctx(
+    objective: str, options: dict | None = None, model: torch.nn.Module | None = None, **sections: dict
+) -> LocalContext:
+    train = {"objective": objective, "options": options or {}, "epochs": 5, "batch_size": 8, "lr": 0.05}
+    if objective == "ldam":
+        sections.setdefault("model", {"classifier": "cosine"})
+    cfg = build_config({"train": train, **sections})
     model = model or build_model("mlp", (3,), 10, 4, 0)
     frozen = copy.deepcopy(model)
     return LocalContext(
@@ -141,6 +136,39 @@ def test_class_balanced_weights_are_inverse_effective_numbers() -> None:
     assert _loss("class_balanced", beta=beta, loss="focal", gamma=2.0) == pytest.approx(focal, rel=1e-5)
 
 
+def test_ldam_margins_and_deferred_reweighting() -> None:
+    """Cao et al. 2019, eq. 13 and Algorithm 1, as the official code computes them: m_j = C n_j^-1/4 with
+    max m = max_m, loss CE(s (cos - m_y 1_y)) with class-balanced weights (beta 0.9999) from 80 % of the
+    rounds on. The model's cosine head outputs s cos, so LOGITS here play s cos."""
+    s, max_m = 30.0, 0.5
+    m = GLOBAL**-0.25
+    m = m * max_m / m.max()
+    z = LOGITS.double().numpy()
+    shifted = z - s * m[None, :] * np.eye(3)[Y.numpy()]
+    nll = _nll(_softmax(shifted))
+
+    def ldam(global_round: int, **options) -> float:
+        ctx = _ctx("ldam", options, federation={"rounds_per_task": 10})
+        ctx.global_round = global_round
+        obj = OBJECTIVES.get("ldam")(ctx)
+        obj.begin()
+        return float(obj.loss(LOGITS, Y, torch.zeros(4, 1)))
+
+    assert ldam(8) == pytest.approx(nll.mean(), rel=1e-5)  # rounds 1..8 of 10: no re-weighting
+    beta = 0.9999
+    w = (1 - beta) / (1 - beta**GLOBAL)
+    w = w / w.sum() * 3
+    wy = w[Y.numpy()]
+    assert ldam(9) == pytest.approx((wy * nll).sum() / wy.sum(), rel=1e-5)  # rounds 9, 10: DRW
+    assert ldam(10, drw_start=1.0) == pytest.approx(nll.mean(), rel=1e-5)  # LDAM without DRW
+
+
+def test_ldam_needs_the_cosine_classifier() -> None:
+    with pytest.raises(ConfigError, match="model.classifier=cosine"):
+        build_config({"train": {"objective": "ldam"}})
+    assert build_config({"train": {"objective": "ldam"}, "model": {"classifier": "cosine"}})
+
+
 @pytest.mark.parametrize(
     ("objective", "options", "message"),
     [
@@ -165,7 +193,8 @@ def test_each_objective_trains_a_long_tailed_toy_problem(objective: str) -> None
     y = np.repeat([0, 1, 2], [40, 8, 2]).astype(np.int64)
     x = (rng.normal(size=(50, 3)) * 0.3 + np.eye(3)[y] * 3).astype(np.float32)
     torch.manual_seed(0)
-    ctx = _ctx(objective, model=build_model("mlp", (3,), 10, 16, 0))
+    classifier = "cosine" if objective == "ldam" else "linear"
+    ctx = _ctx(objective, model=build_model("mlp", (3,), 10, 16, 0, classifier=classifier))
     ctx.train_counts, ctx.global_counts = None, np.bincount(y, minlength=10)
     train_local(ctx, x, y)
     np.testing.assert_array_equal(ctx.train_counts[:3], [40, 8, 2])

@@ -19,6 +19,7 @@ from fedtail.registry import PluginOptions
 
 if TYPE_CHECKING:
     from clients.local import LocalContext
+    from fedtail.config import FedtailConfig
 
 
 class LocalObjective:
@@ -33,6 +34,12 @@ class LocalObjective:
     def __init__(self, ctx: LocalContext) -> None:
         self.ctx = ctx
         self.options = self.Options.model_validate(ctx.job.config.train.options)
+
+    @classmethod
+    def check_config(cls, cfg: FedtailConfig) -> str | None:
+        """Why this objective cannot run with ``cfg`` (naming the fields and what they must be), or
+        None. Called while the config is validated, so a nonsense combination stops before any work."""
+        return None
 
     def begin(self) -> None:
         """Called once before the first local step of a round."""

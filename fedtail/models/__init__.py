@@ -1,8 +1,12 @@
 """Model plug-ins (registered in `fedtail.registry.MODELS`) and array (de)serialisation helpers.
 
-A model builder takes ``(input_shape, num_classes, hidden)`` and returns an ``nn.Module`` whose forward
-gives logits over all classes of the dataset (class-incremental learning keeps one growing head view:
-logits of unseen classes exist but are masked by the methods that need it).
+Every model is a feature extractor plus a classifier: ``model.features(x)`` gives the embedding,
+``model.classifier`` maps it to logits over all classes of the dataset, and ``model(x) ==
+model.classifier(model.features(x))``, so decoupled training (cRT), classifier normalisation and
+prototype methods work on any model. A model plug-in registers only its feature extractor,
+``fn(input_shape, hidden) -> (module, feature_dim)``; `build_model` adds the classifier ``model.classifier``
+(``linear`` or ``cosine``). Class-incremental learning keeps one head over all classes: logits of unseen
+classes exist but are masked by the methods that need it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import io
 import itertools
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,13 +26,72 @@ from torch import nn
 
 from fedtail.registry import MODELS
 
+if TYPE_CHECKING:
+    from fedtail.config import FedtailConfig
 
-def build_model(name: str, input_shape: Sequence[int], num_classes: int, hidden: int, seed: int) -> nn.Module:
-    """Build a registered model with seeded initial weights (the server's round-0 model)."""
+
+class CosineLinear(nn.Module):
+    """Normalised classifier: ``scale * cos(x, w_j)`` (Gidaris & Komodakis 2018; LDAM's ``NormedLinear``,
+    Cao et al. 2019, whose initialisation this copies). Logits lie in ``[-scale, scale]``, so no class can
+    win by the norm of its weight vector, the bias long-tailed training leaves in a linear head."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight.data.uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * nn.functional.linear(
+            nn.functional.normalize(x, dim=1), nn.functional.normalize(self.weight, dim=1)
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, scale={self.scale}"
+
+
+class FeatureClassifier(nn.Module):
+    """``features`` then ``classifier``: the surface every method may rely on."""
+
+    def __init__(self, features: nn.Module, classifier: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    hidden: int,
+    seed: int,
+    classifier: str = "linear",
+    cosine_scale: float = 30.0,
+) -> FeatureClassifier:
+    """A registered feature extractor plus a ``linear`` or ``cosine`` classifier, with seeded initial
+    weights (the server's round-0 model): the features are initialised first, then the classifier."""
     builder = MODELS.get(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return builder(tuple(input_shape), num_classes, hidden)
+        features, dim = builder(tuple(input_shape), hidden)
+        if classifier == "cosine":
+            head: nn.Module = CosineLinear(dim, num_classes, cosine_scale)
+        elif classifier == "linear":
+            head = nn.Linear(dim, num_classes)
+        else:
+            raise ValueError(f"model.classifier={classifier!r}; allowed: linear, cosine")
+        return FeatureClassifier(features, head)
+
+
+def model_for(cfg: FedtailConfig, input_shape: Sequence[int]) -> FeatureClassifier:
+    """`build_model` with the config's model section (seeded with ``cfg.seed``)."""
+    m = cfg.model
+    return build_model(
+        cfg.model_name(), input_shape, cfg.num_classes, m.hidden, cfg.seed, m.classifier, m.cosine_scale
+    )
 
 
 # ---- Flower Array -> numpy, exactly as Flower's Array.numpy ----------------------------------------

@@ -10,12 +10,13 @@ from fedtail.registry import MODELS
 
 
 @MODELS.register("mlp")
-def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int) -> nn.Module:
-    return nn.Sequential(
+def mlp(input_shape: tuple[int, ...], hidden: int) -> tuple[nn.Module, int]:
+    """Features: flatten, two ReLU layers of width ``hidden``."""
+    features = nn.Sequential(
         nn.Flatten(),
         nn.Linear(math.prod(input_shape), hidden),
         nn.ReLU(),
         nn.Linear(hidden, hidden),
         nn.ReLU(),
-        nn.Linear(hidden, num_classes),
     )
+    return features, hidden
