@@ -51,6 +51,9 @@ from fedtail.registry import ENGINES
 
 SLACK = 30.0  # seconds on top of a chunk's calls for moving it to its actor and back
 START_LIMIT = 300.0  # seconds an actor may take to start (import the ClientApp) before the run fails
+SHARE_GRACE = 10.0  # seconds (on top of twice the first actor's start) the others get before being dropped
+
+log = logging.getLogger("fedtail")
 
 
 class ClientActor:
@@ -96,12 +99,42 @@ class RayActorGrid(InProcessGrid):
         self._remote = ray.remote(ClientActor)
         self.actors: list[Any] = []
         try:
-            for _ in range(actors):
-                self.actors.append(self._new_actor())
-            self.actor_nodes = self._wait_started(self.actors)
+            self._start(actors)
         except BaseException:
             self.close()
             raise
+
+    def _start(self, n: int) -> None:
+        """Start ``n`` actors and keep those that start: the first may take `START_LIMIT`, the others
+        twice its time plus `SHARE_GRACE`; actors still waiting for CPUs then are dropped. A cluster
+        shared with other runs (a sweep's workers, other users) is thus shared, instead of every run
+        waiting for all of it; results do not depend on the number of actors."""
+        import ray
+
+        began = time.monotonic()
+        self.actors = [self._new_actor() for _ in range(n)]
+        refs = [a.node_id.remote() for a in self.actors]
+        first, _ = ray.wait(refs, num_returns=1, timeout=START_LIMIT)
+        if not first:
+            raise RuntimeError(
+                f"ray-actors: none of {n} actors started within {START_LIMIT:g}s (does the cluster have "
+                f"{self._options['num_cpus']:g} free CPUs for one?)"
+            )
+        grace = 2 * (time.monotonic() - began) + SHARE_GRACE
+        ready = set(ray.wait(refs, num_returns=n, timeout=grace)[0])
+        keep = [i for i, ref in enumerate(refs) if ref in ready]
+        for i in set(range(n)) - set(keep):
+            with contextlib.suppress(Exception):
+                ray.kill(self.actors[i], no_restart=True)
+        if len(keep) < n:
+            log.warning(
+                "ray-actors: %d of %d actors started (the cluster's CPUs are busy); running on %d",
+                len(keep),
+                n,
+                len(keep),
+            )
+        self.actors = [self.actors[i] for i in keep]
+        self.actor_nodes = ray.get([refs[i] for i in keep])
 
     def _new_actor(self) -> Any:
         return self._remote.options(**self._options).remote(self.client_app_ref, self.timeout)
