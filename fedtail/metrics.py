@@ -123,3 +123,82 @@ def backward_transfer(acc: Any) -> float:
     if last == 0:
         return 0.0
     return float(np.mean(a[last, :last] - np.diag(a)[:last]))
+
+
+# ---- imbalance metrics ---------------------------------------------------------------------------
+def geometric_mean_recall(recalls: Any) -> float:
+    """G-mean: the geometric mean of the per-class recalls (imbalanced-learn's ``geometric_mean_score``,
+    ``average="multiclass"``, no correction): 0 as soon as one class is never recognised. Classes
+    without test samples (NaN recall) are left out."""
+    r = np.asarray(recalls, dtype=np.float64)
+    r = r[~np.isnan(r)]
+    if r.size == 0:
+        return float("nan")
+    if (r == 0).any():
+        return 0.0
+    return float(np.exp(np.mean(np.log(r))))
+
+
+#: default class-group thresholds on training counts: many-shot > 100, few-shot < 20 (Liu et al., "Large-
+#: Scale Long-Tailed Recognition in an Open World", CVPR 2019), the convention of the long-tail literature
+MANY_SHOT, FEW_SHOT = 100, 20
+
+
+def class_groups(train_counts: Any, many: int = MANY_SHOT, few: int = FEW_SHOT) -> dict[str, list[int]]:
+    """Classes by global training frequency: ``head`` (> ``many`` samples), ``tail`` (< ``few``),
+    ``medium`` (the rest). Classes with no training sample are in no group."""
+    n = np.asarray(train_counts, dtype=np.int64)
+    if few > many:
+        raise ValueError(f"few-shot threshold {few} is above the many-shot threshold {many}")
+    classes = np.arange(n.size)
+    return {
+        "head": classes[n > many].tolist(),
+        "medium": classes[(n >= few) & (n <= many) & (n > 0)].tolist(),
+        "tail": classes[(n < few) & (n > 0)].tolist(),
+    }
+
+
+def group_accuracies(y_true: Any, y_pred: Any, groups: dict[str, list[int]]) -> dict[str, float]:
+    """Accuracy on the test samples of each group's classes (NaN for a group with no test sample)."""
+    t, p = _as_labels(y_true, y_pred)
+    out = {}
+    for name, classes in groups.items():
+        mask = np.isin(t, np.asarray(classes, dtype=np.int64))
+        out[name] = float(np.mean(t[mask] == p[mask])) if mask.any() else float("nan")
+    return out
+
+
+def expected_calibration_error(proba: Any, y_true: Any, bins: int = 15) -> float:
+    """ECE (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017, eq. 3): the confidence
+    (max probability) split into ``bins`` equal-width bins, ``sum_b |B_b|/n |acc(B_b) - conf(B_b)|``."""
+    proba = np.asarray(proba, dtype=np.float64)
+    t = np.asarray(y_true, dtype=np.int64)
+    confidence, pred = proba.max(axis=1), proba.argmax(axis=1)
+    correct = (pred == t).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)  # (lo, hi] bins
+    count = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, correct, bins) - np.bincount(which, confidence, bins))
+    return float(gap.sum() / max(t.size, 1)) if count.sum() else float("nan")
+
+
+def ranking_metrics(y_true: Any, proba: Any, labels: Sequence[int]) -> dict[str, float]:
+    """Macro one-vs-rest AUROC and AUPRC (average precision) over ``labels`` (``proba``'s columns, in
+    that order), scikit-learn's definitions; classes with no positive or no negative test sample are
+    left out (their curves are undefined)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    t = np.asarray(y_true, dtype=np.int64)
+    proba = np.asarray(proba, dtype=np.float64)
+    aurocs, auprcs = [], []
+    for j, c in enumerate(labels):
+        positive = t == c
+        if positive.all() or not positive.any():
+            continue
+        aurocs.append(roc_auc_score(positive, proba[:, j]))
+        auprcs.append(average_precision_score(positive, proba[:, j]))
+    nan = float("nan")
+    return {
+        "auroc": float(np.mean(aurocs)) if aurocs else nan,
+        "auprc": float(np.mean(auprcs)) if auprcs else nan,
+    }

@@ -1,0 +1,72 @@
+"""Imbalance metrics against imbalanced-learn / scikit-learn, and by hand where neither has them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from imblearn.metrics import geometric_mean_score
+from sklearn.metrics import average_precision_score, recall_score, roc_auc_score
+from sklearn.preprocessing import label_binarize
+
+from fedtail.metrics import (
+    class_groups,
+    expected_calibration_error,
+    geometric_mean_recall,
+    group_accuracies,
+    ranking_metrics,
+)
+
+
+def _sample(seed: int, n: int = 300, k: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k)) + 2.0 * np.eye(k)[y] * rng.random((n, 1))
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return y, proba.argmax(1), proba
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_g_mean_is_imbalanced_learns(seed: int) -> None:
+    y, pred, _ = _sample(seed)
+    recalls = recall_score(y, pred, average=None)
+    assert geometric_mean_recall(recalls) == pytest.approx(geometric_mean_score(y, pred), rel=1e-12)
+    pred[y == 3] = 0  # class 3 never recognised: G-mean 0, as imbalanced-learn says
+    recalls = recall_score(y, pred, average=None)
+    assert geometric_mean_recall(recalls) == geometric_mean_score(y, pred) == 0.0
+    assert geometric_mean_recall([0.25, np.nan, 1.0]) == pytest.approx(0.5)  # no test samples: left out
+
+
+def test_class_groups_follow_the_many_and_few_shot_thresholds() -> None:
+    groups = class_groups([150, 101, 100, 20, 19, 1, 0])
+    assert groups == {"head": [0, 1], "medium": [2, 3], "tail": [4, 5]}
+    assert class_groups([10, 5], many=8, few=6) == {"head": [0], "medium": [], "tail": [1]}
+    with pytest.raises(ValueError, match="few-shot"):
+        class_groups([1], many=5, few=10)
+    acc = group_accuracies([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 0], {"head": [0, 1], "tail": [2], "none": [9]})
+    assert acc["head"] == pytest.approx(2 / 3) and acc["tail"] == pytest.approx(1 / 3)
+    assert np.isnan(acc["none"])
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    """Guo et al. 2017, eq. 3, with 10 bins: (0.9, 0.8] holds two samples of confidence 0.85 and 0.9, one
+    right: |0.5 - 0.875| * 2/4; (0.6, 0.7] one right sample at 0.65: 0.35 * 1/4; (0.3, 0.4] one wrong at
+    0.4: 0.4 * 1/4."""
+    proba = np.array([[0.85, 0.15], [0.1, 0.9], [0.65, 0.35], [0.4, 0.3]])
+    y = np.array([0, 0, 0, 1])
+    expected = abs(0.5 - 0.875) * 2 / 4 + 0.35 / 4 + 0.4 / 4
+    assert expected_calibration_error(proba, y, bins=10) == pytest.approx(expected)
+    certain = np.eye(3)[[0, 1, 2]]
+    assert expected_calibration_error(certain, np.array([0, 1, 2])) == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_macro_ovr_auroc_and_auprc_are_scikit_learns(seed: int) -> None:
+    y, _, proba = _sample(seed)
+    got = ranking_metrics(y, proba, list(range(5)))
+    assert got["auroc"] == pytest.approx(roc_auc_score(y, proba, multi_class="ovr", average="macro"))
+    onehot = label_binarize(y, classes=list(range(5)))
+    assert got["auprc"] == pytest.approx(average_precision_score(onehot, proba, average="macro"))
+    # a class with no test sample has no curve: left out rather than failing the round
+    keep = y != 4
+    partial = ranking_metrics(y[keep], proba[keep], list(range(5)))
+    assert np.isfinite(partial["auroc"]) and np.isfinite(partial["auprc"])
