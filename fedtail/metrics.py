@@ -182,12 +182,26 @@ def expected_calibration_error(proba: Any, y_true: Any, bins: int = 15) -> float
     return float(gap.sum() / max(t.size, 1)) if count.sum() else float("nan")
 
 
+def _auroc_auprc(positive: np.ndarray, score: np.ndarray) -> tuple[float, float]:
+    """scikit-learn's ``roc_auc_score`` and ``average_precision_score`` for one class, in numpy: AUROC as
+    the Mann-Whitney statistic with average ranks for ties, AP as ``sum_n (R_n - R_{n-1}) P_n`` over the
+    distinct scores, highest first (tested equal to scikit-learn's; the server scores every round)."""
+    order = np.argsort(-score, kind="mergesort")
+    s, pos = score[order], positive[order].astype(np.float64)
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]  # the last index of each distinct score
+    tp = np.cumsum(pos)[last]
+    fp = (last + 1) - tp
+    n_pos, n_neg = tp[-1], fp[-1]
+    auroc = float(np.trapezoid(np.r_[0.0, tp / n_pos], np.r_[0.0, fp / n_neg]))
+    precision, recall = tp / (tp + fp), tp / n_pos
+    ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return auroc, ap
+
+
 def ranking_metrics(y_true: Any, proba: Any, labels: Sequence[int]) -> dict[str, float]:
     """Macro one-vs-rest AUROC and AUPRC (average precision) over ``labels`` (``proba``'s columns, in
     that order), scikit-learn's definitions; classes with no positive or no negative test sample are
     left out (their curves are undefined)."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
     t = np.asarray(y_true, dtype=np.int64)
     proba = np.asarray(proba, dtype=np.float64)
     aurocs, auprcs = [], []
@@ -195,8 +209,9 @@ def ranking_metrics(y_true: Any, proba: Any, labels: Sequence[int]) -> dict[str,
         positive = t == c
         if positive.all() or not positive.any():
             continue
-        aurocs.append(roc_auc_score(positive, proba[:, j]))
-        auprcs.append(average_precision_score(positive, proba[:, j]))
+        auroc, ap = _auroc_auprc(positive, proba[:, j])
+        aurocs.append(auroc)
+        auprcs.append(ap)
     nan = float("nan")
     return {
         "auroc": float(np.mean(aurocs)) if aurocs else nan,

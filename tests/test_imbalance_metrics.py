@@ -70,3 +70,17 @@ def test_macro_ovr_auroc_and_auprc_are_scikit_learns(seed: int) -> None:
     keep = y != 4
     partial = ranking_metrics(y[keep], proba[keep], list(range(5)))
     assert np.isfinite(partial["auroc"]) and np.isfinite(partial["auprc"])
+
+
+def test_ranking_metrics_handle_tied_scores_as_scikit_learn_does() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        y = rng.integers(0, 3, 40)
+        proba = np.round(rng.random((40, 3)), 1)  # many ties
+        got = ranking_metrics(y, proba, [0, 1, 2])
+        onehot = label_binarize(y, classes=[0, 1, 2])
+        want_auroc = np.mean([roc_auc_score(onehot[:, j], proba[:, j]) for j in range(3)])
+        assert got["auroc"] == pytest.approx(want_auroc, abs=1e-12)
+        assert got["auprc"] == pytest.approx(
+            average_precision_score(onehot, proba, average="macro"), abs=1e-12
+        )
