@@ -325,6 +325,25 @@ class ServeConfig(_Section):
     )
 
 
+class EvaluationConfig(_Section):
+    """Server-side evaluation: how classes are grouped for head / medium / tail accuracy."""
+
+    many_shot: int = Field(
+        100, ge=0, le=10**9, description="Head classes have more than this many training samples (OLTR: 100)."
+    )
+    few_shot: int = Field(
+        20, ge=0, le=10**9, description="Tail classes have fewer than this many training samples (OLTR: 20)."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EvaluationConfig:
+        if self.few_shot > self.many_shot:
+            raise ValueError(
+                f"evaluation.few_shot={self.few_shot} must not exceed evaluation.many_shot={self.many_shot}"
+            )
+        return self
+
+
 class FedtailConfig(_Section):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
@@ -336,6 +355,7 @@ class FedtailConfig(_Section):
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 

@@ -44,7 +44,8 @@ def _confusion(t: np.ndarray, p: np.ndarray, labels: list[int]) -> np.ndarray:
 
 
 def classification_metrics(y_true: Any, y_pred: Any, labels: Sequence[int]) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1 and per-class recall over the classes in ``labels``.
+    """Accuracy, balanced accuracy, macro-F1, per-class recall and precision over the classes in ``labels``
+    (a class never predicted has precision 0, scikit-learn's ``zero_division=0``).
 
     ``balanced_accuracy`` is the mean recall over the ``labels`` that have test samples (a class with
     none has recall NaN in ``per_class_recall`` and is left out of the mean, as scikit-learn's
@@ -69,6 +70,7 @@ def classification_metrics(y_true: Any, y_pred: Any, labels: Sequence[int]) -> d
         "balanced_accuracy": float(np.nanmean(recalls)),
         "macro_f1": float(f1.mean()),
         "per_class_recall": {c: float(r) for c, r in zip(labels, recalls, strict=True)},
+        "per_class_precision": {c: float(v) for c, v in zip(labels, precision, strict=True)},
     }
 
 

@@ -24,12 +24,13 @@ from clients.state import from_bytes, restore_content
 from fedtail import io, runs
 from fedtail import protocol as P
 from fedtail.config import check_paths, from_run_config, parse_override_list
+from fedtail.metrics import class_groups
 from fedtail.models import model_for, resolve_device, to_arrays, to_state_dict
 from fedtail.partition import labeled_class_counts, load_schedule
 from fedtail.registry import STRATEGIES
 from fedtail.staging import load_staged, staged_meta
 from server.evaluation import Evaluator
-from server.recorder import RunRecorder
+from server.recorder import IMBALANCE_COLUMNS, RunRecorder
 
 log = logging.getLogger("fedtail")
 
@@ -111,9 +112,12 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
     meta = staged_meta(job.staged_dir)
     device = resolve_device(cfg.engine.device)
     model = model_for(cfg, meta["input_shape"])
-    evaluator = Evaluator(model, load_staged(job.staged_dir), device, threads=cfg.engine.threads_per_client)
     node_of, counts = discover_clients(grid, job, cfg.engine.timeout)
     prior = counts.sum(axis=0) / max(int(counts.sum()), 1)
+    groups = class_groups(counts.sum(axis=0), cfg.evaluation.many_shot, cfg.evaluation.few_shot)
+    evaluator = Evaluator(
+        model, load_staged(job.staged_dir), device, threads=cfg.engine.threads_per_client, groups=groups
+    )
     recorder = RunRecorder(run_dir, cfg, schedule)
     if recorder.resumed:
         restore_client_states(grid, node_of, recorder.client_states, cfg.engine.timeout)
@@ -142,8 +146,10 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
                 return None
             r = done + server_round
             res = evaluator.evaluate(arrays, seen, schedule.tasks[: t + 1])
-            recall = {
-                f"recall_{c}": res["per_class_recall"].get(c, float("nan")) for c in range(cfg.num_classes)
+            nan = float("nan")
+            recall = {f"recall_{c}": res["per_class_recall"].get(c, nan) for c in range(cfg.num_classes)}
+            precision = {
+                f"precision_{c}": res["per_class_precision"].get(c, nan) for c in range(cfg.num_classes)
             }
             row = {
                 "task": t,
@@ -155,7 +161,9 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
                 "balanced_accuracy": res["balanced_accuracy"],
                 "macro_f1": res["macro_f1"],
                 "num_seen_classes": len(seen),
+                **{k: res[k] for k in IMBALANCE_COLUMNS},
                 **recall,
+                **precision,
             }
             recorder.record_round(row, arrays)
             log.info(

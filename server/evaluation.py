@@ -15,7 +15,14 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedtail.datasets.base import Splits
-from fedtail.metrics import classification_metrics, task_accuracies
+from fedtail.metrics import (
+    classification_metrics,
+    expected_calibration_error,
+    geometric_mean_recall,
+    group_accuracies,
+    ranking_metrics,
+    task_accuracies,
+)
 from fedtail.models import load_arrays
 
 
@@ -29,7 +36,9 @@ class Evaluator:
         device: torch.device,
         batch_size: int = 2048,
         threads: int | None = None,
+        groups: dict[str, list[int]] | None = None,
     ) -> None:
+        self.groups = groups or {}  # head / medium / tail classes by global training count
         self.model = model.to(device).eval()
         self.device = device
         self.threads = threads
@@ -37,8 +46,9 @@ class Evaluator:
         self.y = np.asarray(splits.y_test, dtype=np.int64)
         self.batch_size = batch_size
 
-    def predict(self, arrays: ArrayRecord, seen: Sequence[int]) -> np.ndarray:
-        """Predictions among ``seen``, computed with ``threads`` torch threads (None: torch's default).
+    def predict(self, arrays: ArrayRecord, seen: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Predictions among ``seen`` and the softmax over ``seen`` (columns in ``seen``'s order),
+        computed with ``threads`` torch threads (None: torch's default).
 
         The server evaluates between rounds, in the process whose clients run with
         ``engine.threads_per_client`` threads; torch's default (every core) made each evaluation of a
@@ -54,19 +64,29 @@ class Evaluator:
                 torch.set_num_threads(before)
 
     @torch.no_grad()
-    def _predict(self, arrays: ArrayRecord, seen: Sequence[int]) -> np.ndarray:
+    def _predict(self, arrays: ArrayRecord, seen: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         load_arrays(self.model, arrays)
         seen_t = torch.as_tensor(list(seen), device=self.device)
-        preds = []
+        preds, probas = [], []
         for start in range(0, len(self.x), self.batch_size):
-            logits = self.model(self.x[start : start + self.batch_size].to(self.device))
-            preds.append(seen_t[logits[:, seen_t].argmax(dim=1)].cpu())
-        return torch.cat(preds).numpy()
+            logits = self.model(self.x[start : start + self.batch_size].to(self.device))[:, seen_t]
+            preds.append(seen_t[logits.argmax(dim=1)].cpu())
+            probas.append(torch.softmax(logits.double(), dim=1).cpu())
+        return torch.cat(preds).numpy(), torch.cat(probas).numpy()
 
     def evaluate(self, arrays: ArrayRecord, seen: Sequence[int], tasks: Sequence[Sequence[int]]) -> dict:
-        """Metrics over the seen classes plus accuracy on each task trained so far."""
+        """Metrics over the seen classes (classification, G-mean, head / medium / tail accuracy, ECE,
+        macro one-vs-rest AUROC / AUPRC) plus accuracy on each task trained so far."""
         mask = np.isin(self.y, list(seen))
-        y_pred = self.predict(arrays, seen)
-        out = classification_metrics(self.y[mask], y_pred[mask], list(seen))
+        y_pred, proba = self.predict(arrays, seen)
+        y, pred, proba = self.y[mask], y_pred[mask], proba[mask]
+        out = classification_metrics(y, pred, list(seen))
+        out["g_mean"] = geometric_mean_recall(list(out["per_class_recall"].values()))
+        position = {c: i for i, c in enumerate(seen)}
+        out["ece"] = expected_calibration_error(proba, np.array([position[c] for c in y.tolist()]))
+        out.update(ranking_metrics(y, proba, list(seen)))
+        seen_set = set(seen)
+        groups = {g: [c for c in classes if c in seen_set] for g, classes in self.groups.items()}
+        out.update({f"{g}_accuracy": acc for g, acc in group_accuracies(y, pred, groups).items()})
         out["task_accuracies"] = task_accuracies(self.y, y_pred, tasks)
         return out

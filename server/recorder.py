@@ -26,6 +26,17 @@ from fedtail.metrics import (
 from fedtail.models import to_state_dict
 from fedtail.tasks import TaskSchedule
 
+#: imbalance metrics of every round's row (rounds.csv), also reported as ``final_<name>`` in metrics.json
+IMBALANCE_COLUMNS = (
+    "g_mean",
+    "head_accuracy",
+    "medium_accuracy",
+    "tail_accuracy",
+    "ece",
+    "auroc",
+    "auprc",
+)
+
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 3
 # 1: one tensor per client state; 2: the states packed into one tensor; 3: rows and clients' info as JSON
@@ -72,6 +83,11 @@ def _normalised(state: dict) -> dict:
     else:
         client_states = {pid: t.numpy().tobytes() for pid, t in states.items()}
     return {**state, "rows": rows, "client_info": info, "client_states": client_states}
+
+
+def _finite_or_none(value: object) -> float | None:
+    """A metric for metrics.json: NaN (e.g. no tail class in this split) is ``null``, not invalid JSON."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
 def _json_default(value: object) -> object:
@@ -251,6 +267,7 @@ class RunRecorder:
             "final_accuracy": last["accuracy"],
             "final_balanced_accuracy": last["balanced_accuracy"],
             "final_macro_f1": last["macro_f1"],
+            **{f"final_{k}": _finite_or_none(last.get(k)) for k in IMBALANCE_COLUMNS},
             "average_incremental_accuracy": average_incremental_accuracy(a),
             "final_average_accuracy": final_average_accuracy(a),
             "forgetting": forgetting(a),
