@@ -26,13 +26,14 @@ LOCAL = np.array([3, 1, 0])
 
 
 def _ctx(
-    objective: str, options: dict | None = None, model: torch.nn.Module | None = None, **sections: dict
+    objective: str, options: dict | None = None, net: torch.nn.Module | None = None, **sections: dict
 ) -> LocalContext:
     train = {"objective": objective, "options": options or {}, "epochs": 5, "batch_size": 8, "lr": 0.05}
+    train.update(sections.pop("train", {}))
     if objective == "ldam":
         sections.setdefault("model", {"classifier": "cosine"})
     cfg = build_config({"train": train, **sections})
-    model = model or build_model("mlp", (3,), 10, 4, 0)
+    model = net or build_model("mlp", (3,), 10, 4, 0, classifier=cfg.model.classifier)
     frozen = copy.deepcopy(model)
     return LocalContext(
         job=Job(cfg, Path("."), Path(".")),
@@ -97,6 +98,7 @@ def test_focal_loss_down_weights_easy_examples() -> None:
     assert _loss("focal", gamma=2.0) == pytest.approx(np.mean(-((1 - p) ** 2) * np.log(p)), rel=1e-5)
     assert _loss("focal", gamma=0.0) == pytest.approx(float(F.cross_entropy(LOGITS, Y)), rel=1e-6)
     w = GLOBAL.sum() / (3 * GLOBAL)
+    w = w / w.mean()  # mean 1 over the classes: the loss keeps CE's scale
     expected = np.mean(-w[Y.numpy()] * (1 - p) ** 2 * np.log(p))
     assert _loss("focal", gamma=2.0, alpha="inverse") == pytest.approx(expected, rel=1e-5)
 
@@ -131,9 +133,15 @@ def test_class_balanced_weights_are_inverse_effective_numbers() -> None:
     near_one.begin()  # beta -> 1: inverse frequency
     inverse = (1 / GLOBAL) / (1 / GLOBAL).sum() * 3
     np.testing.assert_allclose(near_one.weight.numpy(), inverse, rtol=1e-3)
+    local = OBJECTIVES.get("class_balanced")(_ctx("class_balanced", {"beta": beta, "counts": "local"}))
+    local.begin()  # this round's counts [3, 1, 0]: the absent class weighs 0, the two present sum to 2
+    e = (1 - beta ** np.array([3, 1])) / (1 - beta)
+    np.testing.assert_allclose(local.weight.numpy(), [*((1 / e) / (1 / e).sum() * 2), 0.0], rtol=1e-6)
     p = _softmax(LOGITS.double().numpy())[np.arange(4), Y.numpy()]
     focal = np.mean(w[Y.numpy()] * -((1 - p) ** 2) * np.log(p))
-    assert _loss("class_balanced", beta=beta, loss="focal", gamma=2.0) == pytest.approx(focal, rel=1e-5)
+    assert _loss("class_balanced", beta=beta, loss="softmax_focal", gamma=2.0) == pytest.approx(
+        focal, rel=1e-5
+    )
 
 
 def test_ldam_margins_and_deferred_reweighting() -> None:
@@ -184,7 +192,7 @@ def test_bad_objective_options_are_refused_before_work(objective: str, options: 
 
 
 @pytest.mark.parametrize(
-    "objective", ["weighted_ce", "class_balanced", "focal", "balanced_softmax", "logit_adjusted"]
+    "objective", ["weighted_ce", "class_balanced", "focal", "balanced_softmax", "logit_adjusted", "ldam"]
 )
 def test_each_objective_trains_a_long_tailed_toy_problem(objective: str) -> None:
     """Three separable classes, 40 / 8 / 2 samples: every objective fits them; the round's counts are
@@ -194,13 +202,61 @@ def test_each_objective_trains_a_long_tailed_toy_problem(objective: str) -> None
     x = (rng.normal(size=(50, 3)) * 0.3 + np.eye(3)[y] * 3).astype(np.float32)
     torch.manual_seed(0)
     classifier = "cosine" if objective == "ldam" else "linear"
-    ctx = _ctx(objective, model=build_model("mlp", (3,), 10, 16, 0, classifier=classifier))
+    net = build_model("mlp", (3,), 10, 16, 0, classifier=classifier)
+    ctx = _ctx(objective, net=net, model={"classifier": classifier}, train={"epochs": 20})
     ctx.train_counts, ctx.global_counts = None, np.bincount(y, minlength=10)
     train_local(ctx, x, y)
     np.testing.assert_array_equal(ctx.train_counts[:3], [40, 8, 2])
     with torch.no_grad():
         pred = ctx.model(torch.from_numpy(x)).argmax(1).numpy()
     assert (pred == y).mean() == 1.0
+
+
+def _tail_recall(objective: str, options: dict | None = None) -> float:
+    """Recall of the rarest class on a balanced probe after training on overlapping long-tailed data
+    (400 / 40 / 10 samples), from the same initial model and batch order for every objective."""
+    rng = np.random.default_rng(1)
+    centres = np.array([[0.0, 0.0], [1.2, 0.0], [0.0, 1.2]])
+    y = np.repeat([0, 1, 2], [400, 40, 10]).astype(np.int64)
+    x = (rng.normal(size=(450, 2)) + centres[y]).astype(np.float32)
+    probe_y = np.repeat([0, 1, 2], 500)
+    probe_x = (rng.normal(size=(1500, 2)) + centres[probe_y]).astype(np.float32)
+    classifier = "cosine" if objective == "ldam" else "linear"
+    model = build_model("mlp", (2,), 10, 16, 0, classifier=classifier)
+    sections = {
+        "model": {"classifier": classifier},
+        "federation": {"rounds_per_task": 1},
+        "train": {"epochs": 40, "batch_size": 32},
+    }
+    ctx = _ctx(objective, options, net=model, **sections)
+    ctx.global_counts = np.bincount(y, minlength=10)
+    train_local(ctx, x, y)
+    with torch.no_grad():
+        pred = ctx.model(torch.from_numpy(probe_x))[:, :3].argmax(1).numpy()
+    return float(np.mean(pred[probe_y == 2] == 2))
+
+
+@pytest.mark.parametrize(
+    ("objective", "options"),
+    [
+        ("weighted_ce", {}),
+        ("class_balanced", {"beta": 0.999}),
+        ("balanced_softmax", {}),
+        ("logit_adjusted", {}),
+        ("focal", {"alpha": "inverse"}),
+        ("ldam", {"drw_start": 0.0}),
+    ],
+)
+def test_rebalancing_objectives_recognise_the_tail_class_more_than_ce(objective: str, options: dict) -> None:
+    """What they are for: on overlapping classes, CE sacrifices the rare class; each rebalancing loss
+    recovers much more of it than CE (LDAM with the same cosine head compared against its own CE)."""
+    baseline = _tail_recall("ce") if objective != "ldam" else _tail_recall_cosine_ce()
+    assert _tail_recall(objective, options) > baseline + 0.2
+
+
+def _tail_recall_cosine_ce() -> float:
+    """CE on the cosine head: LDAM with zero margins and no re-weighting is exactly that."""
+    return _tail_recall("ldam", {"max_m": 1e-9, "drw_start": 1.0})
 
 
 def test_a_federation_sends_clients_the_global_counts(project: Path, tmp_path: Path) -> None:

@@ -2,9 +2,13 @@
 
 The effective number of samples of class c is ``E_c = (1 - beta^n_c) / (1 - beta)``; each sample's loss is
 weighted by ``1 / E_c``, normalised so the weights of the C present classes sum to C (eq. 5 and the
-paper's code). ``beta = 0`` is unweighted, ``beta -> 1`` inverse frequency. The paper's defaults: ``beta =
-0.9999``, softmax cross-entropy or focal loss with ``gamma = 2``. The batch loss is the mean of the
-weighted per-sample losses, as in the paper's equation (not PyTorch's weight-normalised mean).
+paper's code). ``beta = 0`` is unweighted, ``beta -> 1`` inverse frequency. Default ``beta = 0.9999``
+(the paper's CIFAR setting) with softmax cross-entropy, the paper's CB-Softmax. ``loss: softmax_focal``
+weights the softmax focal loss instead; it is a variant: the paper's CB-Focal is sigmoid-based (one
+binary loss per class, with a prior-initialised bias), which a softmax classifier does not have. Its
+``gamma`` defaults to 1.0, the paper's CIFAR scripts' value (it searches {0.5, 1, 2}). The batch loss
+is the mean of the weighted per-sample losses, as in the paper's code (not PyTorch's weight-normalised
+mean).
 """
 
 from __future__ import annotations
@@ -33,17 +37,17 @@ def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
 @OBJECTIVES.register("class_balanced")
 class ClassBalanced(LocalObjective):
     class Options(CountsOptions):
-        """``beta``: effective-number hyper-parameter (0.9999); ``loss``: softmax CE or focal;
-        ``gamma``: focal's focusing parameter (used with ``loss: focal``)."""
+        """``beta``: effective-number hyper-parameter (0.9999); ``loss``: softmax CE or softmax focal;
+        ``gamma``: the focal loss's focusing parameter (used with ``loss: softmax_focal``)."""
 
         beta: float = Field(0.9999, ge=0.0, lt=1.0)
-        loss: Literal["softmax", "focal"] = "softmax"
-        gamma: float = Field(2.0, ge=0.0, le=10.0)
+        loss: Literal["softmax", "softmax_focal"] = "softmax"
+        gamma: float = Field(1.0, ge=0.0, le=10.0)
 
     def begin(self) -> None:
         self.weight = class_balanced_weights(self.class_counts(self.options.counts), self.options.beta)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.options.loss == "focal":
+        if self.options.loss == "softmax_focal":
             return focal_loss(logits, y, self.options.gamma, self.weight)
         return (F.cross_entropy(logits, y, reduction="none") * self.weight[y]).mean()

@@ -3,8 +3,8 @@
 ``FL(p_t) = -alpha_t (1 - p_t)^gamma log p_t``: well-classified examples (p_t near 1) are down-weighted,
 so the many easy head-class samples stop dominating the gradient. ``gamma = 0`` is cross-entropy. The
 paper's ``gamma = 2``; ``alpha`` (its class-balancing weight) is off by default here since for multi-class
-data no single alpha exists; ``alpha: inverse`` weights classes by inverse frequency (normalised to mean 1
-over present classes).
+data no single alpha exists; ``alpha: inverse`` weights classes by inverse frequency, scaled to mean 1 over
+the classes present (so the loss keeps CE's scale: no hidden change of the learning rate).
 """
 
 from __future__ import annotations
@@ -48,11 +48,10 @@ class Focal(LocalObjective):
         alpha: Literal["none", "inverse"] = "none"
 
     def begin(self) -> None:
-        self.weight = (
-            inverse_frequency(self.class_counts(self.options.counts))
-            if self.options.alpha == "inverse"
-            else None
-        )
+        self.weight = None
+        if self.options.alpha == "inverse":
+            w = inverse_frequency(self.class_counts(self.options.counts))
+            self.weight = w / w[w > 0].mean()
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return focal_loss(logits, y, self.options.gamma, self.weight)
