@@ -82,8 +82,9 @@ class Evaluator:
         y, pred, proba = self.y[mask], y_pred[mask], proba[mask]
         out = classification_metrics(y, pred, list(seen))
         out["g_mean"] = geometric_mean_recall(list(out["per_class_recall"].values()))
-        position = {c: i for i, c in enumerate(seen)}
-        out["ece"] = expected_calibration_error(proba, np.array([position[c] for c in y.tolist()]))
+        column = np.zeros(max(seen) + 1, dtype=np.int64)
+        column[list(seen)] = np.arange(len(seen))  # class -> its column in ``proba``
+        out["ece"] = expected_calibration_error(proba, column[y])
         out.update(ranking_metrics(y, proba, list(seen)))
         seen_set = set(seen)
         groups = {g: [c for c in classes if c in seen_set] for g, classes in self.groups.items()}
