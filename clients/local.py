@@ -142,6 +142,24 @@ def make_optimizer(model: nn.Module, job: Job) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
+def epoch_order(y: torch.Tensor, sampler: str, generator: torch.Generator) -> torch.Tensor:
+    """One epoch's sample order over labels ``y`` (on the CPU).
+
+    ``shuffle``: a permutation. ``class_balanced``: ``len(y)`` draws with replacement, sample i with
+    probability ``1 / (C n_{y_i})`` (C classes present), i.e. a class uniformly, then one of its samples
+    uniformly: the class-balanced sampling of Kang et al., "Decoupling Representation and Classifier for
+    Long-Tailed Recognition" (ICLR 2020), used by cRT; on a client it balances the classes it holds.
+    """
+    n = int(y.numel())
+    if sampler == "shuffle":
+        return torch.randperm(n, generator=generator)
+    if sampler != "class_balanced":
+        raise ValueError(f"train.sampler={sampler!r}; allowed: shuffle, class_balanced")
+    _, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    weights = 1.0 / counts[inverse].double()
+    return torch.multinomial(weights, n, replacement=True, generator=generator)
+
+
 def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
     """Run ``train.epochs`` epochs of minibatch training; return (mean loss, examples per epoch)."""
     cfg = ctx.job.config
@@ -152,6 +170,7 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
         return 0.0, 0
     ctx.train_counts = np.bincount(yt.numpy(), minlength=cfg.num_classes).astype(np.int64)
     objective = OBJECTIVES.get(cfg.train.objective)(ctx)
+    labels = yt
     xt, yt = xt.to(ctx.device), yt.to(ctx.device)
     model = ctx.model if on_device(ctx.model, ctx.device) else ctx.model.to(ctx.device)
     optimizer = make_optimizer(model, ctx.job)
@@ -163,7 +182,7 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
     model.train()
     objective.begin()
     for _ in range(cfg.train.epochs):
-        order = torch.randperm(n, generator=generator).to(ctx.device)
+        order = epoch_order(labels, cfg.train.sampler, generator).to(ctx.device)
         for start in range(0, n, bs):
             batch = order[start : start + bs]
             xb, yb = xt[batch], yt[batch]

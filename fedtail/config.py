@@ -241,6 +241,11 @@ class TrainConfig(_Section):
     lr: float = Field(0.05, gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    sampler: Literal["shuffle", "class_balanced"] = Field(
+        "shuffle",
+        description="Each epoch's batch stream: shuffle (a permutation) or class_balanced (Kang et al. "
+        "2020: a class uniformly, then one of its samples, with replacement; n draws per epoch).",
+    )
     options: _plugin_options(OBJECTIVES, "objective") = Field(  # type: ignore[valid-type]
         default_factory=dict, description="Objective options, as its `Options` declares."
     )
