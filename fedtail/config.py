@@ -205,6 +205,14 @@ class PartitionConfig(_Section):
     imbalance_factor: float = Field(
         10.0, ge=1.0, le=1e6, description="Long tail n_max / n_min over classes (1 = keep data balanced)."
     )
+    profile: Literal["exponential", "step"] = Field(
+        "exponential",
+        description="Long-tail shape: exponential decay over classes (CIFAR-LT) or step (a share of "
+        "minority classes with n_max / imbalance_factor samples each).",
+    )
+    step_fraction: float = Field(
+        0.5, gt=0.0, lt=1.0, description="step profile: share of classes that are minority classes (mu)."
+    )
     labeled_fraction: float = Field(
         1.0, gt=0.0, le=1.0, description="Share of each client's samples that keep their label."
     )

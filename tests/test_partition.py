@@ -81,6 +81,19 @@ def test_profile_exact_values_are_not_floored_short() -> None:
     assert long_tail_profile(C, 100, 10.0)[-1] == 10
 
 
+def test_step_profile_has_a_minority_share_at_n_max_over_if() -> None:
+    """Step imbalance (Buda et al. 2018; Cao et al. 2019, mu = 0.5): half the classes keep n_max, the
+    other half n_max / IF; mu sets the minority share (floor(mu C) classes)."""
+    assert long_tail_profile(10, 500, 10.0, "step").tolist() == [500] * 5 + [50] * 5
+    assert long_tail_profile(10, 500, 100.0, "step", 0.2).tolist() == [500] * 8 + [5] * 2
+    assert long_tail_profile(4, 9, 1.0, "step").tolist() == [9] * 4
+    with pytest.raises(ValueError, match="allowed: exponential, step"):
+        long_tail_profile(4, 9, 2.0, "linear")
+    y = uneven_labels()
+    kept = apply_long_tail(y, C, 10.0, np.random.default_rng(0), "step", 0.5)
+    assert np.bincount(y[kept], minlength=C).tolist() == long_tail_profile(C, 150, 10.0, "step").tolist()
+
+
 @pytest.mark.parametrize("factor", [1.0, 10.0, 100.0])
 def test_long_tail_counts_match_profile_exactly(factor: float) -> None:
     y = uneven_labels()

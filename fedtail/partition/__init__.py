@@ -99,12 +99,20 @@ def _check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return y
 
 
-def long_tail_profile(num_classes: int, n_max: int, imbalance_factor: float) -> np.ndarray:
-    """Exponential per-class counts of CIFAR-LT (Cui et al. 2019): ``n_max * IF ** (-c / (C-1))``.
+def long_tail_profile(
+    num_classes: int,
+    n_max: int,
+    imbalance_factor: float,
+    profile: str = "exponential",
+    step_fraction: float = 0.5,
+) -> np.ndarray:
+    """Per-class counts of a long-tailed training set; class 0 is the head (``n_max``).
 
-    Class 0 is the head (``n_max``), class C-1 the tail (``n_max / IF``), each floored; one class
-    gives ``[n_max]``. A relative 1e-9 guard keeps exact values (9 * 243 ** -0.4 = 0.999...) from flooring
-    one short.
+    ``exponential`` (CIFAR-LT, Cui et al. 2019): ``n_max * IF ** (-c / (C-1))``, the tail ``n_max / IF``.
+    ``step`` (Buda et al. 2018; Cao et al. 2019): the last ``floor(step_fraction * C)`` classes are
+    minority classes with ``n_max / IF`` samples each, the others keep ``n_max``. Counts are floored; one
+    class gives ``[n_max]``. A relative 1e-9 guard keeps exact values (9 * 243 ** -0.4 = 0.999...) from
+    flooring one short.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1; got {num_classes}")
@@ -112,15 +120,28 @@ def long_tail_profile(num_classes: int, n_max: int, imbalance_factor: float) -> 
         raise ValueError(f"n_max must be >= 0; got {n_max}")
     if imbalance_factor < 1:
         raise ValueError(f"partition.imbalance_factor must be >= 1; got {imbalance_factor}")
+    if profile not in ("exponential", "step"):
+        raise ValueError(f"partition.profile={profile!r}; allowed: exponential, step")
+    if not 0.0 < step_fraction < 1.0:
+        raise ValueError(f"partition.step_fraction must be in (0, 1); got {step_fraction}")
     if num_classes == 1:
         return np.array([n_max], dtype=np.int64)
-    exponents = -np.arange(num_classes, dtype=np.float64) / (num_classes - 1)
+    if profile == "step":
+        minority = int(np.floor(step_fraction * num_classes))
+        exponents = np.r_[np.zeros(num_classes - minority), -np.ones(minority)]
+    else:
+        exponents = -np.arange(num_classes, dtype=np.float64) / (num_classes - 1)
     raw = n_max * np.power(float(imbalance_factor), exponents)
     return np.minimum(np.floor(raw * (1 + 1e-9)), n_max).astype(np.int64)
 
 
 def apply_long_tail(
-    labels: np.ndarray, num_classes: int, imbalance_factor: float, rng: np.random.Generator
+    labels: np.ndarray,
+    num_classes: int,
+    imbalance_factor: float,
+    rng: np.random.Generator,
+    profile: str = "exponential",
+    step_fraction: float = 0.5,
 ) -> np.ndarray:
     """Sorted int64 indices of a seeded long-tailed subset of ``labels``.
 
@@ -131,8 +152,8 @@ def apply_long_tail(
     y = _check_labels(labels, num_classes)
     by_class = [np.flatnonzero(y == c) for c in range(num_classes)]
     n_max = min(len(idx) for idx in by_class)
-    profile = long_tail_profile(num_classes, n_max, imbalance_factor)
-    chosen = [rng.choice(idx, size=int(n), replace=False) for idx, n in zip(by_class, profile, strict=True)]
+    counts = long_tail_profile(num_classes, n_max, imbalance_factor, profile, step_fraction)
+    chosen = [rng.choice(idx, size=int(n), replace=False) for idx, n in zip(by_class, counts, strict=True)]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
@@ -203,14 +224,18 @@ def partition_labels(labels: np.ndarray, num_classes: int, cfg: FedtailConfig) -
         raise ValueError(
             f"dataset.name: classes {missing} have no training samples; cannot build a long tail"
         )
-    tail = int(long_tail_profile(num_classes, int(present.min()), pc.imbalance_factor)[-1])
+    tail = int(
+        long_tail_profile(num_classes, int(present.min()), pc.imbalance_factor, pc.profile, pc.step_fraction)[
+            -1
+        ]
+    )
     if tail < 1:
         raise ValueError(
             f"partition.imbalance_factor={pc.imbalance_factor} leaves the tail class with no samples "
             f"(the smallest class has {present.min()}); allowed: 1..{present.min()}"
         )
     rng = np.random.default_rng(cfg.seed)
-    kept = apply_long_tail(y, num_classes, pc.imbalance_factor, rng)
+    kept = apply_long_tail(y, num_classes, pc.imbalance_factor, rng, pc.profile, pc.step_fraction)
     if num_clients > kept.size:
         raise ValueError(
             f"federation.num_clients={num_clients} exceeds the {kept.size} samples kept after the long tail "
