@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from fedtail.registry import (
+    ADJUSTMENTS,
     CONTINUAL,
     DATASETS,
     ENGINES,
@@ -76,6 +77,7 @@ StrategyName = _plugin_name(STRATEGIES)
 ObjectiveName = _plugin_name(OBJECTIVES)
 ContinualName = _plugin_name(CONTINUAL)
 EngineName = _plugin_name(ENGINES)
+AdjustmentName = _plugin_name(ADJUSTMENTS)
 
 
 def _checked_options(
@@ -348,6 +350,15 @@ class EvaluationConfig(_Section):
         20, ge=0, le=10**9, description="Tail classes have fewer than this many training samples (OLTR: 20)."
     )
 
+    adjustment: AdjustmentName = Field(
+        "none",
+        description="Evaluation-time adjustment of the global model (posthoc_la, tau_norm); its metrics "
+        "are reported beside the plain ones as adjusted_*. none: only the plain ones.",
+    )
+    options: _plugin_options(ADJUSTMENTS, "adjustment") = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="Adjustment options, as its `Options` declares."
+    )
+
     @model_validator(mode="after")
     def _ordered(self) -> EvaluationConfig:
         if self.few_shot > self.many_shot:
@@ -405,6 +416,7 @@ class FedtailConfig(_Section):
             (OBJECTIVES, self.train.objective),
             (CONTINUAL, self.continual.method),
             (STRATEGIES, self.strategy.name),
+            (ADJUSTMENTS, self.evaluation.adjustment),
         ):
             check = getattr(registry.get(name), "check_config", None)  # a plug-in's combination rules
             problem = check(self) if check is not None else None

@@ -27,7 +27,7 @@ from fedtail.config import check_paths, from_run_config, parse_override_list
 from fedtail.metrics import class_groups
 from fedtail.models import model_for, resolve_device, to_arrays, to_state_dict
 from fedtail.partition import labeled_class_counts, load_schedule
-from fedtail.registry import STRATEGIES
+from fedtail.registry import ADJUSTMENTS, STRATEGIES
 from fedtail.staging import load_staged, staged_meta
 from server.evaluation import Evaluator
 from server.recorder import IMBALANCE_COLUMNS, RunRecorder
@@ -115,8 +115,17 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
     node_of, counts = discover_clients(grid, job, cfg.engine.timeout)
     prior = counts.sum(axis=0) / max(int(counts.sum()), 1)
     groups = class_groups(counts.sum(axis=0), cfg.evaluation.many_shot, cfg.evaluation.few_shot)
+    global_counts = counts.sum(axis=0)
+    adjustment = None
+    if cfg.evaluation.adjustment != "none":
+        adjustment = ADJUSTMENTS.get(cfg.evaluation.adjustment)(cfg.evaluation.options, global_counts)
     evaluator = Evaluator(
-        model, load_staged(job.staged_dir), device, threads=cfg.engine.threads_per_client, groups=groups
+        model,
+        load_staged(job.staged_dir),
+        device,
+        threads=cfg.engine.threads_per_client,
+        groups=groups,
+        adjustment=adjustment,
     )
     recorder = RunRecorder(run_dir, cfg, schedule)
     if recorder.resumed:
@@ -162,6 +171,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
                 "macro_f1": res["macro_f1"],
                 "num_seen_classes": len(seen),
                 **{k: res[k] for k in IMBALANCE_COLUMNS},
+                **{k: v for k, v in res.items() if k.startswith("adjusted_")},
                 **recall,
                 **precision,
             }

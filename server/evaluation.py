@@ -24,6 +24,18 @@ from fedtail.metrics import (
     task_accuracies,
 )
 from fedtail.models import load_arrays
+from server.adjustments import Adjustment
+
+#: metrics also reported for the adjusted model, as ``adjusted_<name>``
+ADJUSTED_KEYS = (
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "g_mean",
+    "head_accuracy",
+    "medium_accuracy",
+    "tail_accuracy",
+)
 
 
 class Evaluator:
@@ -37,8 +49,10 @@ class Evaluator:
         batch_size: int = 2048,
         threads: int | None = None,
         groups: dict[str, list[int]] | None = None,
+        adjustment: Adjustment | None = None,
     ) -> None:
         self.groups = groups or {}  # head / medium / tail classes by global training count
+        self.adjustment = adjustment  # scored beside the plain model as adjusted_*
         self.model = model.to(device).eval()
         self.device = device
         self.threads = threads
@@ -46,7 +60,9 @@ class Evaluator:
         self.y = np.asarray(splits.y_test, dtype=np.int64)
         self.batch_size = batch_size
 
-    def predict(self, arrays: ArrayRecord, seen: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def predict(
+        self, arrays: ArrayRecord, seen: Sequence[int], adjusted: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Predictions among ``seen`` and the softmax over ``seen`` (columns in ``seen``'s order),
         computed with ``threads`` torch threads (None: torch's default).
 
@@ -58,27 +74,41 @@ class Evaluator:
         if self.threads is not None and self.threads != before:
             torch.set_num_threads(self.threads)
         try:
-            return self._predict(arrays, seen)
+            return self._predict(arrays, seen, adjusted)
         finally:
             if torch.get_num_threads() != before:
                 torch.set_num_threads(before)
 
     @torch.no_grad()
-    def _predict(self, arrays: ArrayRecord, seen: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _predict(
+        self, arrays: ArrayRecord, seen: Sequence[int], adjusted: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
         load_arrays(self.model, arrays)
+        adjust = self.adjustment if adjusted else None
+        model = adjust.model(self.model) if adjust else self.model
         seen_t = torch.as_tensor(list(seen), device=self.device)
         preds, probas = [], []
         for start in range(0, len(self.x), self.batch_size):
-            logits = self.model(self.x[start : start + self.batch_size].to(self.device))[:, seen_t]
+            logits = model(self.x[start : start + self.batch_size].to(self.device))
+            logits = (adjust.logits(logits) if adjust else logits)[:, seen_t]
             preds.append(seen_t[logits.argmax(dim=1)].cpu())
             probas.append(torch.softmax(logits.double(), dim=1).cpu())
         return torch.cat(preds).numpy(), torch.cat(probas).numpy()
 
     def evaluate(self, arrays: ArrayRecord, seen: Sequence[int], tasks: Sequence[Sequence[int]]) -> dict:
         """Metrics over the seen classes (classification, G-mean, head / medium / tail accuracy, ECE,
-        macro one-vs-rest AUROC / AUPRC) plus accuracy on each task trained so far."""
-        mask = np.isin(self.y, list(seen))
+        macro one-vs-rest AUROC / AUPRC) plus accuracy on each task trained so far; with an adjustment,
+        also ``adjusted_<name>`` for `ADJUSTED_KEYS`."""
         y_pred, proba = self.predict(arrays, seen)
+        out = self._scores(y_pred, proba, seen)
+        out["task_accuracies"] = task_accuracies(self.y, y_pred, tasks)
+        if self.adjustment is not None:
+            adjusted = self._scores(*self.predict(arrays, seen, adjusted=True), seen)
+            out.update({f"adjusted_{k}": adjusted[k] for k in ADJUSTED_KEYS if k in adjusted})
+        return out
+
+    def _scores(self, y_pred: np.ndarray, proba: np.ndarray, seen: Sequence[int]) -> dict:
+        mask = np.isin(self.y, list(seen))
         y, pred, proba = self.y[mask], y_pred[mask], proba[mask]
         out = classification_metrics(y, pred, list(seen))
         out["g_mean"] = geometric_mean_recall(list(out["per_class_recall"].values()))
@@ -89,5 +119,4 @@ class Evaluator:
         seen_set = set(seen)
         groups = {g: [c for c in classes if c in seen_set] for g, classes in self.groups.items()}
         out.update({f"{g}_accuracy": acc for g, acc in group_accuracies(y, pred, groups).items()})
-        out["task_accuracies"] = task_accuracies(self.y, y_pred, tasks)
         return out

@@ -268,6 +268,7 @@ class RunRecorder:
             "final_balanced_accuracy": last["balanced_accuracy"],
             "final_macro_f1": last["macro_f1"],
             **{f"final_{k}": _finite_or_none(last.get(k)) for k in IMBALANCE_COLUMNS},
+            **{f"final_{k}": _finite_or_none(v) for k, v in last.items() if k.startswith("adjusted_")},
             "average_incremental_accuracy": average_incremental_accuracy(a),
             "final_average_accuracy": final_average_accuracy(a),
             "forgetting": forgetting(a),
