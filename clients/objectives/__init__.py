@@ -82,3 +82,11 @@ def log_counts(counts: torch.Tensor) -> torch.Tensor:
     """log n_j, with classes that have no sample at log(1e-12): out of the softmax in effect (a class
     with no training sample gets no probability mass to learn from anyway), never -inf or NaN."""
     return torch.log(counts.clamp_min(1e-12))
+
+
+def inverse_frequency(counts: torch.Tensor) -> torch.Tensor:
+    """``n / (C n_c)`` over the C classes present (scikit-learn's ``class_weight="balanced"``), 0 else."""
+    present = counts > 0
+    weights = torch.zeros_like(counts)
+    weights[present] = counts[present].sum() / (int(present.sum()) * counts[present])
+    return weights

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from torch.nn import functional as F
 
-from clients.objectives import CountsOptions, LocalObjective
+from clients.objectives import CountsOptions, LocalObjective, inverse_frequency
 from fedtail.registry import OBJECTIVES
 
 
@@ -28,14 +28,6 @@ def focal_loss(
     if weight is not None:
         loss = loss * weight[y]
     return loss.mean()
-
-
-def inverse_frequency(counts: torch.Tensor) -> torch.Tensor:
-    """``n / (C n_c)`` over the C classes present (scikit-learn's ``class_weight="balanced"``), 0 else."""
-    present = counts > 0
-    weights = torch.zeros_like(counts)
-    weights[present] = counts[present].sum() / (int(present.sum()) * counts[present])
-    return weights
 
 
 @OBJECTIVES.register("focal")

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from clients.objectives import CountsOptions, LocalObjective
-from clients.objectives.focal import inverse_frequency
+from clients.objectives import CountsOptions, LocalObjective, inverse_frequency
 from fedtail.registry import OBJECTIVES
 
 
