@@ -113,9 +113,9 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
     device = resolve_device(cfg.engine.device)
     model = model_for(cfg, meta["input_shape"])
     node_of, counts = discover_clients(grid, job, cfg.engine.timeout)
-    prior = counts.sum(axis=0) / max(int(counts.sum()), 1)
-    groups = class_groups(counts.sum(axis=0), cfg.evaluation.many_shot, cfg.evaluation.few_shot)
-    global_counts = counts.sum(axis=0)
+    global_counts = counts.sum(axis=0)  # per class, over every client: the prior, groups, adjustments
+    prior = global_counts / max(int(global_counts.sum()), 1)
+    groups = class_groups(global_counts, cfg.evaluation.many_shot, cfg.evaluation.few_shot)
     adjustment = None
     if cfg.evaluation.adjustment != "none":
         adjustment = ADJUSTMENTS.get(cfg.evaluation.adjustment)(cfg.evaluation.options, global_counts)
@@ -146,7 +146,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
                 "task-classes": list(schedule.tasks[t]),
                 "seen-classes": seen,
                 P.CLASS_PRIOR: prior.tolist(),
-                P.CLASS_COUNTS: [int(c) for c in counts.sum(axis=0)],
+                P.CLASS_COUNTS: [int(c) for c in global_counts],
             }
         )
 
