@@ -195,14 +195,23 @@ class DatasetConfig(_Section):
 
 
 class PartitionConfig(_Section):
-    """Global long-tail profile, then a non-IID split over clients."""
+    """Global long-tail profile, then a non-IID split over clients, then the labeled/unlabeled split."""
 
-    method: PartitionerName = Field("dirichlet", description="Registered partitioner: iid, dirichlet.")
+    method: PartitionerName = Field(
+        "dirichlet",
+        description="Registered partitioner: iid, dirichlet, pathological, shard, quantity_skew.",
+    )
     alpha: float = Field(
-        0.5, gt=0.0, le=1e6, description="Dirichlet concentration; smaller = more label skew (1e6 is IID)."
+        0.5, gt=0.0, le=1e6, description="dirichlet: concentration; smaller = more label skew (1e6 is IID)."
     )
     min_partition_size: int = Field(
-        5, ge=0, description="Dirichlet: resample until every client holds at least this many."
+        5,
+        ge=0,
+        description="dirichlet: resample until every client holds at least this many; quantity_skew: "
+        "every client's floor (at least 1).",
+    )
+    options: _plugin_options(PARTITIONERS, "method") = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="Partitioner options, as its `Options` declares."
     )
     imbalance_factor: float = Field(
         10.0, ge=1.0, le=1e6, description="Long tail n_max / n_min over classes (1 = keep data balanced)."
@@ -218,6 +227,21 @@ class PartitionConfig(_Section):
     labeled_fraction: float = Field(
         1.0, gt=0.0, le=1.0, description="Share of each client's samples that keep their label."
     )
+    labeled_imbalance_factor: float | None = Field(
+        None,
+        ge=1.0,
+        le=1e6,
+        description="Imbalance factor of the labeled part alone (semi-supervised long tail: labeled head "
+        "round(labeled_fraction x kept head), then the same profile; null = each client's class mix).",
+    )
+
+    @model_validator(mode="after")
+    def _partitioner_rules(self) -> PartitionConfig:
+        check = getattr(PARTITIONERS.get(self.method), "check_config", None)  # its option combinations
+        problem = check(self) if check is not None else None
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class TasksConfig(_Section):

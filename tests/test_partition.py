@@ -12,16 +12,20 @@ import pytest
 from fedtail.config import PartitionConfig, build_config
 from fedtail.partition import (
     PartitionResult,
+    _title,
     apply_long_tail,
     client_class_counts,
+    labeled_counts,
     load_client,
     load_counts,
     load_schedule,
     long_tail_profile,
+    mark_labeled,
     partition_labels,
     split_labeled,
     write_partition,
 )
+from fedtail.partition import dirichlet as dirichlet_module
 from fedtail.partition.dirichlet import dirichlet
 from fedtail.partition.iid import iid
 from fedtail.registry import PARTITIONERS
@@ -149,22 +153,77 @@ def test_dirichlet_impossible_min_size_is_a_clear_error() -> None:
         dirichlet(y, 10, PartitionConfig(alpha=0.01, min_partition_size=10), np.random.default_rng(0))
 
 
-@pytest.mark.parametrize("alpha", [0.1, 0.5, 5.0])
-def test_dirichlet_matches_flwr_datasets(alpha: float) -> None:
-    """Same algorithm as flwr-datasets' DirichletPartitioner: the same seed gives the same clients."""
+@pytest.mark.parametrize(
+    ("alpha", "clients", "min_size"), [(0.1, 8, 5), (0.5, 8, 5), (5.0, 8, 5), (0.3, 12, 60), (0.05, 40, 0)]
+)
+def test_dirichlet_matches_flwr_datasets(alpha: float, clients: int, min_size: int) -> None:
+    """Same algorithm as flwr-datasets' DirichletPartitioner: the same seed gives the same clients, also
+    when draws are repeated for min_partition_size (0.3 / 12 / 60 needs several)."""
     datasets = pytest.importorskip("datasets")
     partitioner_mod = pytest.importorskip("flwr_datasets.partitioner")
     y = uneven_labels()
     ref = partitioner_mod.DirichletPartitioner(
-        num_partitions=8, partition_by="label", alpha=alpha, min_partition_size=5, shuffle=False, seed=3
+        num_partitions=clients,
+        partition_by="label",
+        alpha=alpha,
+        min_partition_size=min_size,
+        shuffle=False,
+        seed=3,
     )
     ref.dataset = datasets.Dataset.from_dict({"label": y, "idx": np.arange(y.size)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns on every min_partition_size retry
-        theirs = [np.sort(np.asarray(ref.load_partition(k)["idx"])) for k in range(8)]
-    pc = PartitionConfig(method="dirichlet", alpha=alpha, min_partition_size=5)
-    mine = dirichlet(y, 8, pc, np.random.default_rng(3))
+        theirs = [np.sort(np.asarray(ref.load_partition(k)["idx"])) for k in range(clients)]
+    pc = PartitionConfig(method="dirichlet", alpha=alpha, min_partition_size=min_size)
+    mine = dirichlet(y, clients, pc, np.random.default_rng(3))
     assert [m.tolist() for m in mine] == [t.tolist() for t in theirs]
+    assert np.array_equal(client_class_counts(y, mine, C), client_class_counts(y, theirs, C))
+
+
+def _reference_draw(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> list:
+    """The per-class np.split loop the vectorised draw replaced (kept as the reference)."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        shares = rng.dirichlet(np.full(num_clients, alpha))
+        for k, chunk in enumerate(np.split(idx, (np.cumsum(shares) * idx.size).astype(int)[:-1])):
+            parts[k].append(chunk)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+@pytest.mark.parametrize(("alpha", "clients"), [(0.01, 50), (0.5, 1), (0.5, 300), (100.0, 7)])
+def test_vectorised_dirichlet_equals_the_loop(alpha: float, clients: int) -> None:
+    """Client ids from searchsorted over the cuts give the chunks np.split gave, and the generator is left
+    in the same state (the pipeline's labeled split draws from it next)."""
+    y = np.random.default_rng(2).integers(0, 7, 3000)
+    ours, theirs = np.random.default_rng(9), np.random.default_rng(9)
+    mine = dirichlet(y, clients, PartitionConfig(alpha=alpha, min_partition_size=0), ours)
+    assert [m.tolist() for m in mine] == [t.tolist() for t in _reference_draw(y, clients, alpha, theirs)]
+    assert ours.random() == theirs.random()
+
+
+def test_hopeless_dirichlet_fails_after_a_few_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """alpha 0.001 puts each class on about one of 200 clients: ~190 clients fall short of 20 in every
+    draw, so P(success) per draw ~ exp(-190). The loop used to try all MAX_TRIES draws first."""
+    draws = []
+    real = dirichlet_module._cuts
+    monkeypatch.setattr(dirichlet_module, "_cuts", lambda *a: draws.append(1) or real(*a))
+    y = balanced_labels(per_class=1000)
+    pc = PartitionConfig(alpha=0.001, min_partition_size=20)
+    with pytest.raises(ValueError) as err:
+        dirichlet(y, 200, pc, np.random.default_rng(0))
+    text = str(err.value)
+    assert len(draws) == dirichlet_module.MIN_DRAWS_TO_JUDGE < dirichlet_module.MAX_TRIES
+    for needle in ("partition.alpha=0.001", "partition.min_partition_size=20", "federation.num_clients=200"):
+        assert needle in text, text
+    assert "on average" in text and "raise partition.alpha" in text, text
+
+
+def test_success_chance_is_the_poisson_estimate() -> None:
+    """P(some success in r draws) = 1 - (1 - exp(-mean)) ** r."""
+    assert dirichlet_module._success_chance(0.0, 3) == 1.0
+    assert dirichlet_module._success_chance(2.0, 5) == pytest.approx(1 - (1 - np.exp(-2.0)) ** 5)
+    assert dirichlet_module._success_chance(200.0, 95) < 1e-80
 
 
 # ---- the pipeline --------------------------------------------------------------------------------
@@ -184,7 +243,9 @@ def test_pipeline_invariants(method: str) -> None:
     for idx, mask in zip(r.client_indices, r.labeled, strict=True):
         assert mask.dtype == bool and mask.shape == idx.shape
         assert mask.sum() == max(1, int(np.floor(0.5 * idx.size + 0.5)))
-    assert r.params["method"] == method and r.params["alpha"] == 0.3
+    assert r.params["method"] == method and r.params["imbalance_factor"] == 10.0
+    expected = {"alpha": 0.3, "min_partition_size": 10} if method == "dirichlet" else {}
+    assert r.params["partitioner"] == expected  # iid has no parameters (alpha is not one of them)
 
 
 @pytest.mark.parametrize("method", ["iid", "dirichlet"])
@@ -232,6 +293,97 @@ def test_split_labeled_is_stratified_with_a_floor_of_one() -> None:
     assert all(m.all() for m in full)
     with pytest.raises(ValueError, match="labeled_fraction"):
         split_labeled(clients, y, 0.0, np.random.default_rng(0))
+
+
+def _per_client_quota(counts: np.ndarray, f: float) -> np.ndarray:
+    """The per-client loop that computed the stratified quotas before (the reference)."""
+    out = np.zeros_like(counts)
+    for k, row in enumerate(counts):
+        present = np.flatnonzero(row)
+        if present.size:
+            exact = f * row[present]
+            quota = np.floor(exact).astype(np.int64)
+            extra = max(1, int(np.floor(f * row.sum() + 0.5))) - int(quota.sum())
+            if extra > 0:
+                quota[np.argsort(-(exact - quota), kind="stable")[:extra]] += 1
+            out[k, present] = quota
+    return out
+
+
+@pytest.mark.parametrize("f", [0.05, 0.2, 0.5, 0.77, 1.0])
+def test_labeled_counts_equal_the_per_client_rule(f: float) -> None:
+    rng = np.random.default_rng(4)
+    counts = rng.integers(0, 9, (200, 6)) * (rng.random((200, 6)) < 0.6)
+    counts[:3] = 0  # empty clients
+    assert np.array_equal(labeled_counts(counts, f), _per_client_quota(counts, f))
+
+
+def test_labeled_imbalance_factor_small_case() -> None:
+    """Kept per class (100, 31, 10); f = 0.5 gives the labeled head round(0.5 * 100) = 50, and IF_l = 10
+    the exponential profile (50, floor(50 / sqrt 10) = 15, 5), capped by the kept counts. Class 1's 15
+    spread as 15 * (20, 10, 1) / 31 = (9.68, 4.84, 0.48): floors 9 + 4 + 0, the 2 left to the largest
+    remainders (clients 1, 0); class 2's 5 as (3.5, 1.5): the tie goes to client 0. Client 3 got no
+    label from the shares, so its lone class-1 sample keeps its label (16 class-1 labels in all)."""
+    counts = np.array([[60, 20, 7], [40, 10, 3], [0, 0, 0], [0, 1, 0]])
+    got = labeled_counts(counts, 0.5, labeled_imbalance_factor=10.0)
+    assert got.tolist() == [[30, 10, 4], [20, 5, 1], [0, 0, 0], [0, 1, 0]]
+    balanced = labeled_counts(counts, 0.5, labeled_imbalance_factor=1.0)  # 50 each, capped at 31 and 10
+    assert balanced.tolist() == [[30, 20, 7], [20, 10, 3], [0, 0, 0], [0, 1, 0]]
+    # step, mu = 0.7: classes 1-2 are minority classes with 50 / 5 = 10 labels; class 1's 10 as
+    # (6.45, 3.23, 0.32): the 1 left goes to client 0, and client 3 again keeps its lone sample's label
+    step = labeled_counts(counts, 0.5, labeled_imbalance_factor=5.0, profile="step", step_fraction=0.7)
+    assert step.tolist() == [[30, 7, 7], [20, 3, 3], [0, 0, 0], [0, 1, 0]]
+    with pytest.raises(ValueError, match=r"partition\.labeled_imbalance_factor=60\.0.*allowed: 1\.\.50"):
+        labeled_counts(counts, 0.5, labeled_imbalance_factor=60.0)
+    with pytest.raises(ValueError, match=r"partition\.labeled_fraction"):
+        labeled_counts(counts, 0.004, labeled_imbalance_factor=2.0)
+
+
+def test_mark_labeled_draws_exactly_the_quota_uniformly() -> None:
+    y = np.array([0] * 6 + [1] * 4 + [0] * 3)
+    clients = [np.arange(10), np.arange(10, 13)]
+    quota = np.array([[2, 3], [1, 0]])
+    hits = np.zeros(13)
+    for seed in range(400):
+        masks = mark_labeled(clients, y, quota, np.random.default_rng(seed))
+        chosen = np.concatenate([idx[m] for idx, m in zip(clients, masks, strict=True)])
+        assert np.bincount(y[chosen[chosen < 10]], minlength=2).tolist() == [2, 3]
+        assert (chosen >= 10).sum() == 1
+        hits[chosen] += 1
+    expected = np.r_[[2 / 6] * 6, [3 / 4] * 4, [1 / 3] * 3] * 400
+    assert np.abs(hits - expected).max() < 45  # about 5 standard deviations
+
+
+def test_pipeline_with_a_labeled_imbalance_factor() -> None:
+    y = uneven_labels()
+    cfg = cfg_for(
+        "dirichlet", imbalance_factor=10.0, labeled_fraction=0.4, labeled_imbalance_factor=20.0, alpha=0.3
+    )
+    r = partition_labels(y, C, cfg)
+    labeled_idx = [idx[m] for idx, m in zip(r.client_indices, r.labeled, strict=True)]
+    got = client_class_counts(y, labeled_idx, C)
+    assert np.array_equal(got, labeled_counts(r.counts, 0.4, 20.0))
+    wanted = np.minimum(long_tail_profile(C, 60, 20.0), r.counts.sum(axis=0))  # head round(0.4 * 150)
+    extra = got.sum(axis=0) - wanted
+    assert extra.min() >= 0 and extra.sum() <= r.num_clients  # only the one-label floor adds labels
+    assert all(m.any() for m in r.labeled if m.size)
+    assert r.params["labeled_imbalance_factor"] == 20.0
+    assert "labeled imbalance factor=20.0" in _title(r.params, r.num_clients, C)
+
+
+def test_heatmap_title_of_the_default_config_is_unchanged() -> None:
+    """The DVC-tracked heatmap of params.yaml must not change: its title reads as before."""
+    r = partition_labels(uneven_labels(), C, cfg_for("dirichlet", num_clients=10))
+    assert _title(r.params, 10, C) == "dirichlet: 10 clients x 10 classes\nalpha=0.5, imbalance factor=10.0"
+    assert _title({}, 3, 2) == "partition: 3 clients x 2 classes"
+
+
+def test_client_class_counts_is_one_bincount_of_the_loop() -> None:
+    y = np.random.default_rng(0).integers(0, C, 500)
+    clients = [np.arange(0, 100), np.array([], dtype=np.int64), np.arange(100, 500, 3), np.array([7])]
+    loop = np.array([np.bincount(y[idx], minlength=C) for idx in clients])
+    assert np.array_equal(client_class_counts(y, clients, C), loop)
+    assert client_class_counts(y, [], C).shape == (0, C)
 
 
 # ---- on disk -------------------------------------------------------------------------------------

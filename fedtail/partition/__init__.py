@@ -5,7 +5,8 @@
 the kept samples over clients, then each client's samples are split into labeled and unlabeled.
 `write_partition` stores the result in a small folder (the DVC-tracked artifact) that clients read with
 `load_client`. Partitioner plug-ins live one per module in this package and register in
-`fedtail.registry.PARTITIONERS`.
+`fedtail.registry.PARTITIONERS`; `declare` attaches their ``Options`` (what ``partition.options`` is
+checked against), combination rules and the parameters they report.
 """
 
 from __future__ import annotations
@@ -13,23 +14,31 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from fedtail.io import write_json, write_npy, write_text, write_with
-from fedtail.registry import PARTITIONERS
+from fedtail.registry import PARTITIONERS, PluginOptions
 from fedtail.tasks import TaskSchedule
 
 if TYPE_CHECKING:
     from fedtail.config import FedtailConfig, PartitionConfig
 
+log = logging.getLogger(__name__)
+
 Partitioner = Callable[[np.ndarray, int, "PartitionConfig", np.random.Generator], list[np.ndarray]]
-"""``(labels of the kept samples, num_clients, cfg.partition, rng) -> per-client indices into labels``."""
+"""``(labels of the kept samples, num_clients, cfg.partition, rng) -> per-client indices into labels``.
+
+The parts must be disjoint. A partitioner may leave samples out (flwr's shard and pathological splits
+do); `partition_labels` then drops them like the long tail does (``assignment.npy`` holds -1)."""
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 ASSIGNMENT_FILE = "assignment.npy"
 LABELED_FILE = "labeled.npy"
@@ -46,14 +55,18 @@ __all__ = [
     "apply_long_tail",
     "PartitionIndex",
     "client_class_counts",
+    "declare",
     "labeled_class_counts",
+    "labeled_counts",
     "load_client",
     "load_counts",
     "load_schedule",
     "long_tail_profile",
+    "mark_labeled",
     "partition_index",
     "partition_problems",
     "partition_labels",
+    "partitioner_params",
     "split_labeled",
     "write_manifest",
     "write_partition",
@@ -65,7 +78,7 @@ class PartitionResult:
     """One partition of a training set; every index refers to the original training set."""
 
     kept: np.ndarray
-    """Sorted indices that survive the long tail."""
+    """Sorted indices that survive the long tail (and that the partitioner assigned to a client)."""
     client_indices: list[np.ndarray]
     """Per client, sorted indices; disjoint, and their union is ``kept``."""
     labeled: list[np.ndarray]
@@ -73,7 +86,7 @@ class PartitionResult:
     counts: np.ndarray
     """clients x classes sample counts (labeled or not), int64."""
     params: Mapping[str, Any] = field(default_factory=dict)
-    """The settings that produced it (method, alpha, ...), for titles and reports."""
+    """The settings that produced it (method, the partitioner's parameters, ...), for titles and reports."""
 
     @property
     def num_clients(self) -> int:
@@ -82,6 +95,39 @@ class PartitionResult:
     @property
     def num_classes(self) -> int:
         return int(self.counts.shape[1])
+
+
+# ---- plug-in declarations ------------------------------------------------------------------------
+def declare(
+    options: type[PluginOptions] | None = None,
+    *,
+    check: Callable[[PartitionConfig], str | None] | None = None,
+    describe: Callable[[PartitionConfig], dict[str, Any]] | None = None,
+) -> Callable[[F], F]:
+    """Attach to a partitioner function what the other plug-in kinds declare as class attributes.
+
+    ``options``: its ``Options`` model (``partition.options`` is validated against it, as
+    ``strategy.options`` is). ``check(cfg.partition)``: why a combination cannot run, or None; run while
+    the config is validated. ``describe(cfg.partition)``: its parameters for `PartitionResult.params`
+    (default: ``partition.options``).
+    """
+
+    def deco(fn: F) -> F:
+        if options is not None:
+            fn.Options = options  # type: ignore[attr-defined]
+        if check is not None:
+            fn.check_config = check  # type: ignore[attr-defined]
+        if describe is not None:
+            fn.describe = describe  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
+def partitioner_params(pc: PartitionConfig) -> dict[str, Any]:
+    """The parameters of ``pc.method`` that shape the split (its ``describe``, else its options)."""
+    describe = getattr(PARTITIONERS.get(pc.method), "describe", None)
+    return dict(describe(pc)) if describe is not None else dict(pc.options)
 
 
 # ---- pure steps ----------------------------------------------------------------------------------
@@ -97,6 +143,34 @@ def _check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}); got range [{y.min()}, {y.max()}]")
     return y
+
+
+def _flatten(client_indices: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """All clients' indices in client order (int64) and each client's size."""
+    parts = [np.asarray(idx, dtype=np.int64) for idx in client_indices]
+    sizes = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+    flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    return flat, sizes
+
+
+def _largest_remainder(group: np.ndarray, exact: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Integer parts of ``exact`` summing to ``target[g]`` over the items of each group ``g``.
+
+    Hamilton's largest-remainder rule: every item gets ``floor(exact)``; each group's shortfall goes one
+    each to its items with the largest fractional parts, ties to the earlier item. One stable lexsort
+    for all groups at once, instead of a Python loop per group.
+    """
+    base = np.floor(exact).astype(np.int64)
+    frac = exact - base
+    have = np.bincount(group, weights=base, minlength=target.size).astype(np.int64)
+    missing = np.asarray(target, dtype=np.int64) - have
+    order = np.lexsort((-frac, group))  # lexsort is stable: equal remainders keep item order
+    sizes = np.bincount(group, minlength=target.size)
+    start = np.cumsum(sizes) - sizes
+    rank = np.arange(order.size) - start[group[order]]
+    extra = np.zeros(exact.size, dtype=np.int64)
+    extra[order] = rank < missing[group[order]]
+    return base + extra
 
 
 def long_tail_profile(
@@ -158,12 +232,111 @@ def apply_long_tail(
 
 
 def client_class_counts(labels: np.ndarray, client_indices: list[np.ndarray], num_classes: int) -> np.ndarray:
-    """clients x classes int64 matrix of how many samples of each class every client holds."""
+    """clients x classes int64 matrix of how many samples of each class every client holds (one
+    bincount over ``client * num_classes + label``)."""
     y = _check_labels(labels, num_classes)
-    counts = np.zeros((len(client_indices), num_classes), dtype=np.int64)
-    for k, idx in enumerate(client_indices):
-        counts[k] = np.bincount(y[np.asarray(idx, dtype=np.int64)], minlength=num_classes)
-    return counts
+    flat, sizes = _flatten(client_indices)
+    client = np.repeat(np.arange(sizes.size, dtype=np.int64), sizes)
+    cells = np.bincount(client * num_classes + y[flat], minlength=sizes.size * num_classes)
+    return cells.astype(np.int64, copy=False).reshape(sizes.size, num_classes)
+
+
+def labeled_counts(
+    counts: np.ndarray,
+    labeled_fraction: float,
+    labeled_imbalance_factor: float | None = None,
+    profile: str = "exponential",
+    step_fraction: float = 0.5,
+) -> np.ndarray:
+    """clients x classes: how many of each client's samples of each class keep their label.
+
+    Without ``labeled_imbalance_factor`` the split is stratified inside each client: class ``c`` gets
+    ``floor(f * n_c)`` labels and the remainder up to ``round(f * n)`` goes to the classes with the
+    largest fractional parts (ties: the lower class), so a client's labeled subset keeps its class mix.
+
+    With it (semi-supervised long tail, e.g. DASO, Oh et al. 2022; CReST, Wei et al. 2021; ACR, Wei &
+    Gan 2023: a labeled set with its own imbalance factor beside an unlabeled set with the data's), the
+    global labeled count of class ``c`` is ``L_c = min(long_tail_profile(C, N_1, IF_l)[c], K_c)`` with
+    ``N_1 = round(f * K_0)``, ``K_c`` the kept samples of class ``c`` (class 0 the head) and the same
+    profile as ``partition.profile``. ``L_c`` is spread over clients in proportion to their samples of
+    the class, ``L_c * n_kc / K_c``, by largest remainder (ties: the lower client).
+
+    Either way a non-empty client keeps at least one label (without the factor: its target is at
+    least 1; with it: its class with the largest share gets one, which can add a label beyond ``L_c``).
+    ``round`` rounds halves up.
+    """
+    if not 0.0 < labeled_fraction <= 1.0:
+        raise ValueError(f"partition.labeled_fraction must be in (0, 1]; got {labeled_fraction}")
+    counts = np.asarray(counts, dtype=np.int64)
+    num_clients, num_classes = counts.shape
+    client, cls = np.nonzero(counts)  # row-major: by client, then class
+    n = counts[client, cls]
+    sizes = counts.sum(axis=1)
+    if labeled_imbalance_factor is None:
+        rounded = np.floor(labeled_fraction * sizes + 0.5).astype(np.int64)
+        target = np.where(sizes > 0, np.maximum(1, rounded), 0)
+        quota = _largest_remainder(client, labeled_fraction * n, target)
+    else:
+        kept = counts.sum(axis=0)
+        if kept[0] == 0:
+            raise ValueError(
+                "partition.labeled_imbalance_factor: no client holds the head class 0 (the partitioner "
+                "left it out), so the labeled long tail has no head; use another partition.method or "
+                "labeled_imbalance_factor: null"
+            )
+        head = int(np.floor(labeled_fraction * kept[0] + 0.5))
+        if head < 1:
+            raise ValueError(
+                f"partition.labeled_fraction={labeled_fraction} keeps no label of the head class "
+                f"({kept[0]} samples); raise partition.labeled_fraction"
+            )
+        wanted = long_tail_profile(num_classes, head, labeled_imbalance_factor, profile, step_fraction)
+        if wanted.min() < 1:
+            raise ValueError(
+                f"partition.labeled_imbalance_factor={labeled_imbalance_factor} leaves the labeled tail "
+                f"class with no label (the labeled head class has {head} = round(partition.labeled_fraction"
+                f" x {kept[0]})); allowed: 1..{head}"
+            )
+        per_class = np.minimum(wanted, kept)
+        exact = per_class[cls] * n / kept[cls]
+        by_class = np.argsort(cls, kind="stable")  # group by class; clients stay in order inside
+        quota = np.empty(n.size, dtype=np.int64)
+        quota[by_class] = _largest_remainder(cls[by_class], exact[by_class], per_class)
+        held = np.bincount(client, weights=quota, minlength=num_clients)
+        lacking = np.flatnonzero(held[client] == 0)  # items of non-empty clients without a label
+        if lacking.size:
+            best = lacking[np.lexsort((cls[lacking], -exact[lacking], client[lacking]))]
+            first = best[np.r_[True, client[best][1:] != client[best][:-1]]]
+            quota[first] += 1
+    out = np.zeros_like(counts)
+    out[client, cls] = np.minimum(quota, n)
+    return out
+
+
+def mark_labeled(
+    client_indices: list[np.ndarray], labels: np.ndarray, quota: np.ndarray, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Per client, a bool mask with ``quota[k, c]`` of client ``k``'s class-``c`` samples marked labeled,
+    chosen uniformly at random inside each (client, class) group.
+
+    Vectorised: one uniform key per sample, one lexsort by (group, key), and a sample is labeled when
+    its rank inside its group is below the group's quota. ``quota`` is clients x classes.
+    """
+    quota = np.asarray(quota, dtype=np.int64)
+    num_clients, num_classes = quota.shape
+    y = _check_labels(labels, num_classes)
+    flat, sizes = _flatten(client_indices)
+    if sizes.size != num_clients:
+        raise ValueError(f"quota has {num_clients} clients, client_indices {sizes.size}")
+    client = np.repeat(np.arange(num_clients, dtype=np.int64), sizes)
+    group = client * num_classes + y[flat]
+    order = np.lexsort((rng.random(flat.size), group))
+    per_group = np.bincount(group, minlength=quota.size)
+    start = np.cumsum(per_group) - per_group
+    rank = np.empty(flat.size, dtype=np.int64)
+    rank[order] = np.arange(flat.size) - start[group[order]]
+    mask = rank < quota.reshape(-1)[group]
+    return np.split(mask, np.cumsum(sizes)[:-1]) if sizes.size else []
 
 
 def split_labeled(
@@ -171,40 +344,32 @@ def split_labeled(
 ) -> list[np.ndarray]:
     """Per client, a bool mask marking ``labeled_fraction`` of its samples as labeled.
 
-    Stratified inside each client: every class gets ``floor(f * n_c)`` labels and the remainder up to
-    ``round(f * n)`` goes to the classes with the largest fractional parts, so a client's labeled
-    subset keeps its class mix. A non-empty client always keeps at least one label, so no client is
-    left without a supervised signal.
+    Stratified inside each client (`labeled_counts` without an imbalance factor: per class
+    ``floor(f * n_c)``, the remainder up to ``round(f * n)`` by largest remainder, at least one label per
+    non-empty client), the labeled samples drawn by `mark_labeled`. ``f == 1`` marks everything and
+    draws nothing. (Since the vectorised version the masks for ``f < 1`` differ from the earlier
+    per-client ``rng.choice`` loop's; the counts per client and class are the same.)
     """
     if not 0.0 < labeled_fraction <= 1.0:
         raise ValueError(f"partition.labeled_fraction must be in (0, 1]; got {labeled_fraction}")
+    if labeled_fraction == 1.0:
+        return [np.ones(np.asarray(idx).size, dtype=bool) for idx in client_indices]
     y = np.asarray(labels)
-    masks = []
-    for idx in client_indices:
-        idx = np.asarray(idx, dtype=np.int64)
-        mask = np.zeros(idx.size, dtype=bool)
-        if idx.size:
-            classes, inverse, sizes = np.unique(y[idx], return_inverse=True, return_counts=True)
-            exact = labeled_fraction * sizes
-            quota = np.floor(exact).astype(np.int64)
-            target = max(1, int(np.floor(labeled_fraction * idx.size + 0.5)))
-            extra = target - int(quota.sum())
-            if extra > 0:
-                quota[np.argsort(-(exact - quota), kind="stable")[:extra]] += 1
-            for k in range(classes.size):
-                pos = np.flatnonzero(inverse == k)
-                mask[rng.choice(pos, size=int(min(quota[k], pos.size)), replace=False)] = True
-        masks.append(mask)
-    return masks
+    flat, _ = _flatten(client_indices)
+    num_classes = int(y[flat].max()) + 1 if flat.size else 1
+    counts = client_class_counts(y, client_indices, num_classes)
+    return mark_labeled(client_indices, y, labeled_counts(counts, labeled_fraction), rng)
 
 
 def _check_split(parts: list[np.ndarray], n: int, num_clients: int, method: str) -> list[np.ndarray]:
-    """A plug-in must return ``num_clients`` disjoint index arrays covering ``0..n-1``."""
+    """A plug-in must return ``num_clients`` disjoint index arrays into ``0..n-1``."""
     if len(parts) != num_clients:
         raise RuntimeError(f"partitioner {method!r} returned {len(parts)} clients, expected {num_clients}")
     parts = [np.asarray(p, dtype=np.int64) for p in parts]
     flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-    if flat.size != n or not np.array_equal(np.sort(flat), np.arange(n)):
+    if flat.size and (flat.min() < 0 or flat.max() >= n):
+        raise RuntimeError(f"partitioner {method!r} returned indices outside 0..{n - 1}")
+    if flat.size > n or (flat.size and np.bincount(flat, minlength=n).max() > 1):
         raise RuntimeError(f"partitioner {method!r} did not split the {n} samples into disjoint parts")
     return parts
 
@@ -213,7 +378,8 @@ def partition_labels(labels: np.ndarray, num_classes: int, cfg: FedtailConfig) -
     """Long tail, then ``cfg.partition.method`` over ``cfg.federation.num_clients``, then labeled split.
 
     One generator seeded with ``cfg.seed`` drives the three steps in order, so the same labels and
-    config always give the same partition.
+    config always give the same partition. With ``labeled_fraction == 1`` and no
+    ``labeled_imbalance_factor`` every sample is labeled and the last step draws nothing.
     """
     y = _check_labels(labels, num_classes)
     pc = cfg.partition
@@ -245,21 +411,40 @@ def partition_labels(labels: np.ndarray, num_classes: int, cfg: FedtailConfig) -
     partitioner: Partitioner = PARTITIONERS.get(pc.method)
     local = _check_split(partitioner(y[kept], num_clients, pc, rng), kept.size, num_clients, pc.method)
     client_indices = [np.sort(kept[part]) for part in local]
-    labeled = split_labeled(client_indices, y, pc.labeled_fraction, rng)
+    unassigned = kept.size - sum(part.size for part in local)
+    if unassigned:
+        log.warning(
+            "partition.method=%s left %d of the %d samples kept after the long tail without a client; "
+            "they are dropped (assignment -1), as the long tail drops samples",
+            pc.method,
+            unassigned,
+            kept.size,
+        )
+        kept = np.sort(np.concatenate(client_indices))
+    counts = client_class_counts(y, client_indices, num_classes)
+    if pc.labeled_imbalance_factor is None and pc.labeled_fraction == 1.0:
+        labeled = [np.ones(idx.size, dtype=bool) for idx in client_indices]
+    else:
+        quota = labeled_counts(
+            counts, pc.labeled_fraction, pc.labeled_imbalance_factor, pc.profile, pc.step_fraction
+        )
+        labeled = mark_labeled(client_indices, y, quota, rng)
+    params: dict[str, Any] = {
+        "method": pc.method,
+        "partitioner": partitioner_params(pc),
+        "imbalance_factor": pc.imbalance_factor,
+        "profile": pc.profile,
+        "labeled_fraction": pc.labeled_fraction,
+        "labeled_imbalance_factor": pc.labeled_imbalance_factor,
+        "num_clients": num_clients,
+        "seed": cfg.seed,
+    }
+    if pc.profile == "step":
+        params["step_fraction"] = pc.step_fraction
+    if unassigned:
+        params["unassigned"] = unassigned
     return PartitionResult(
-        kept=kept,
-        client_indices=client_indices,
-        labeled=labeled,
-        counts=client_class_counts(y, client_indices, num_classes),
-        params={
-            "method": pc.method,
-            "alpha": pc.alpha,
-            "min_partition_size": pc.min_partition_size,
-            "imbalance_factor": pc.imbalance_factor,
-            "labeled_fraction": pc.labeled_fraction,
-            "num_clients": num_clients,
-            "seed": cfg.seed,
-        },
+        kept=kept, client_indices=client_indices, labeled=labeled, counts=counts, params=params
     )
 
 
@@ -271,6 +456,19 @@ def _stats_csv(counts: np.ndarray) -> str:
     for k, row in enumerate(counts):
         writer.writerow([f"client_{k}", *row.tolist(), int(row.sum())])
     return buf.getvalue()
+
+
+def _title(params: Mapping[str, Any], n_clients: int, n_classes: int) -> str:
+    """``method: K clients x C classes`` and, below, the partitioner's shape parameters (its floor
+    ``min_partition_size`` left out) and the imbalance factor(s)."""
+    title = f"{params.get('method', 'partition')}: {n_clients} clients x {n_classes} classes"
+    if "partitioner" in params or "imbalance_factor" in params:
+        shown = [f"{k}={v}" for k, v in params.get("partitioner", {}).items() if k != "min_partition_size"]
+        shown.append(f"imbalance factor={params.get('imbalance_factor', '?')}")
+        if params.get("labeled_imbalance_factor") is not None:
+            shown.append(f"labeled imbalance factor={params['labeled_imbalance_factor']}")
+        title += "\n" + ", ".join(shown)
+    return title
 
 
 def _heatmap_writer(result: PartitionResult, class_names: list[str] | None) -> Callable[[Any], None]:
@@ -297,11 +495,7 @@ def _heatmap_writer(result: PartitionResult, class_names: list[str] | None) -> C
         for (k, c), value in np.ndenumerate(counts):
             colour = "black" if value > threshold else "white"
             ax.text(c, k, str(value), ha="center", va="center", fontsize=7, color=colour)
-    p = result.params
-    title = f"{p.get('method', 'partition')}: {n_clients} clients x {n_classes} classes"
-    if "alpha" in p or "imbalance_factor" in p:
-        title += f"\nalpha={p.get('alpha', '?')}, imbalance factor={p.get('imbalance_factor', '?')}"
-    ax.set_title(title)
+    ax.set_title(_title(result.params, n_clients, n_classes))
     fig.tight_layout()
 
     def write(fh: Any) -> None:
