@@ -18,7 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.local import ClientData, LocalContext, load_client_data, train_local
+from clients.local import ClientData, LocalContext, load_client_data, retrain_classifier, train_local
 from clients.state import persist_state
 from fedtail import protocol as P
 from fedtail.models import load_arrays, model_for, resolve_device, to_arrays
@@ -111,7 +111,8 @@ def train(msg: Message, context: Context) -> Message:
         options=dict(cfg.train.options),
     )
     x, y = data.for_classes(task_classes)
-    loss, n = train_local(ctx, x, y)
+    stage = str(conf[P.STAGE]) if P.STAGE in conf else "fl"
+    loss, n = (retrain_classifier if stage == "crt" else train_local)(ctx, x, y)
     state["rounds-trained"] = int(state["rounds-trained"]) + 1
     if task not in list(state["tasks-seen"]):
         state["tasks-seen"] = [*state["tasks-seen"], task]

@@ -18,6 +18,7 @@ import torch
 from flwr.app import RecordDict
 from torch import nn
 
+from clients.oversampling import is_flat, smote, smote_features
 from fedtail.models import on_device
 from fedtail.partition import load_client
 from fedtail.protocol import Job
@@ -135,11 +136,13 @@ def step_seed(seed: int, *keys: int) -> int:
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
 
 
-def make_optimizer(model: nn.Module, job: Job) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, job: Job, lr: float | None = None) -> torch.optim.Optimizer:
+    """``train.optimizer`` over ``model``'s parameters, at ``lr`` (default ``train.lr``)."""
     t = job.config.train
+    lr = t.lr if lr is None else lr
     if t.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=t.weight_decay)
 
 
 def epoch_order(y: torch.Tensor, sampler: str, generator: torch.Generator) -> torch.Tensor:
@@ -161,34 +164,54 @@ def epoch_order(y: torch.Tensor, sampler: str, generator: torch.Generator) -> to
 
 
 def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
-    """Run ``train.epochs`` epochs of minibatch training; return (mean loss, examples per epoch)."""
+    """Run ``train.epochs`` epochs of minibatch training; return (mean loss, real examples).
+
+    With ``train.oversample: smote`` the round's samples are topped up with SMOTE's: synthetic inputs
+    for flat data; for other data synthetic features, which the classifier alone sees (they join each
+    batch's logits; the objective's ``x`` and the continual method's terms see the real samples only).
+    The objective's local counts are those of the real samples."""
     cfg = ctx.job.config
     method = CONTINUAL.get(cfg.continual.method)(ctx)
     xt, yt = method.training_data(torch.from_numpy(x), torch.from_numpy(y))
-    n = int(yt.shape[0])
-    if n == 0:
+    n_real = int(yt.shape[0])  # the update's FedAvg weight: synthetic samples add no data
+    if n_real == 0:
         return 0.0, 0
     ctx.train_counts = np.bincount(yt.numpy(), minlength=cfg.num_classes).astype(np.int64)
     objective = OBJECTIVES.get(cfg.train.objective)(ctx)
-    labels = yt
-    xt, yt = xt.to(ctx.device), yt.to(ctx.device)
     model = ctx.model if on_device(ctx.model, ctx.device) else ctx.model.to(ctx.device)
+    seed = step_seed(cfg.seed, ctx.task, ctx.global_round, ctx.partition_id)
+    feats = fy = None
+    if cfg.train.oversample == "smote":
+        if is_flat(xt):
+            xs, ys = smote(xt.numpy(), yt.numpy(), cfg.train.smote_k, seed)
+            xt, yt = torch.from_numpy(xs), torch.from_numpy(ys)
+        else:
+            feats, fy = smote_features(model, xt.to(ctx.device), yt, cfg.train.smote_k, seed)
+    n = int(yt.shape[0])
+    labels = yt if feats is None else torch.cat([yt, fy])
+    xt, yt = xt.to(ctx.device), yt.to(ctx.device)
+    if fy is not None:
+        fy = fy.to(ctx.device)
     optimizer = make_optimizer(model, ctx.job)
-    generator = torch.Generator().manual_seed(
-        step_seed(cfg.seed, ctx.task, ctx.global_round, ctx.partition_id)
-    )
+    generator = torch.Generator().manual_seed(seed)
     bs = cfg.train.batch_size
     total, steps = 0.0, 0
     model.train()
     objective.begin()
     for _ in range(cfg.train.epochs):
         order = epoch_order(labels, cfg.train.sampler, generator).to(ctx.device)
-        for start in range(0, n, bs):
+        for start in range(0, len(order), bs):
             batch = order[start : start + bs]
-            xb, yb = xt[batch], yt[batch]
-            logits = model(xb)
+            if feats is None:
+                xb, yb = xt[batch], yt[batch]
+                logits = model(xb)
+            else:  # real samples through the model, synthetic features through the classifier
+                real, syn = batch[batch < n], batch[batch >= n] - n
+                xb = xt[real]
+                logits = torch.cat([model(xb), model.classifier(feats[syn])])
+                yb = torch.cat([yt[real], fy[syn]])
             loss = objective.loss(logits, yb, xb)
-            extra = method.extra_loss(logits, yb, xb)
+            extra = method.extra_loss(logits[: len(xb)], yb[: len(xb)], xb)
             if extra is not None:
                 loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
@@ -198,4 +221,44 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
             steps += 1
     objective.end()
     method.end_round()
+    return total / max(steps, 1), n_real
+
+
+def retrain_classifier(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+    """One cRT round on this client (Kang et al., "Decoupling Representation and Classifier for
+    Long-Tailed Recognition", ICLR 2020): the features stay frozen, the classifier is trained with
+    cross-entropy on class-balanced batches (`epoch_order`'s ``class_balanced``) for ``crt.epochs``
+    epochs at ``crt.lr``. The training samples are the continual method's (`training_data`: a replay
+    memory counts); its loss terms belong to representation learning and are not used.
+
+    Frozen features let the embeddings be computed once per round instead of once per step."""
+    cfg = ctx.job.config
+    method = CONTINUAL.get(cfg.continual.method)(ctx)
+    xt, yt = method.training_data(torch.from_numpy(x), torch.from_numpy(y))
+    n = int(yt.shape[0])
+    if n == 0:
+        return 0.0, 0
+    model = ctx.model if on_device(ctx.model, ctx.device) else ctx.model.to(ctx.device)
+    for p in model.features.parameters():
+        p.requires_grad_(False)
+    model.features.eval()
+    with torch.no_grad():
+        feats = torch.cat([model.features(xb) for xb in xt.to(ctx.device).split(4096)])
+    labels, yd = yt, yt.to(ctx.device)
+    head = model.classifier.train()
+    t = cfg.train
+    optimizer = make_optimizer(head, ctx.job, cfg.crt.lr)
+    seed = step_seed(cfg.seed, ctx.task, ctx.global_round, ctx.partition_id)
+    generator = torch.Generator().manual_seed(seed)
+    total, steps = 0.0, 0
+    for _ in range(cfg.crt.epochs or t.epochs):
+        order = epoch_order(labels, "class_balanced", generator).to(ctx.device)
+        for start in range(0, n, t.batch_size):
+            batch = order[start : start + t.batch_size]
+            loss = nn.functional.cross_entropy(head(feats[batch]), yd[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            steps += 1
     return total / max(steps, 1), n

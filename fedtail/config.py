@@ -192,6 +192,11 @@ class DatasetConfig(_Section):
     test_fraction: float = Field(
         0.25, gt=0.0, lt=1.0, description="Held-out share for datasets without a test split."
     )
+    classes: list[int] | None = Field(
+        None,
+        description="Keep only these classes, relabelled 0..k-1 in this order (e.g. [3, 8]: a binary "
+        "task with 3 as class 0); null keeps every class.",
+    )
 
 
 class PartitionConfig(_Section):
@@ -280,8 +285,29 @@ class TrainConfig(_Section):
         description="Each epoch's batch stream: shuffle (a permutation) or class_balanced (Kang et al. "
         "2020: a class uniformly, then one of its samples, with replacement; n draws per epoch).",
     )
+    oversample: Literal["none", "smote"] = Field(
+        "none",
+        description="smote: SMOTE (Chawla et al. 2002, imbalanced-learn) tops every class a client holds up "
+        "to its largest, interpolating inputs for flat data and features otherwise.",
+    )
+    smote_k: int = Field(5, ge=1, le=100, description="SMOTE: nearest neighbours to interpolate with.")
     options: _plugin_options(OBJECTIVES, "objective") = Field(  # type: ignore[valid-type]
         default_factory=dict, description="Objective options, as its `Options` declares."
+    )
+
+
+class CrtConfig(_Section):
+    """Classifier re-training (cRT; Kang et al., "Decoupling Representation and Classifier for Long-Tailed
+    Recognition", ICLR 2020) as a federated stage after each task's rounds: clients freeze the features
+    and train only the classifier with class-balanced sampling and cross-entropy; FedAvg averages it."""
+
+    rounds: int = Field(0, ge=0, le=100_000, description="cRT rounds after each task's rounds (0 = off).")
+    epochs: int | None = Field(
+        None, ge=1, le=1000, description="Local epochs per cRT round (null: train.epochs)."
+    )
+    lr: float | None = Field(None, gt=0.0, le=10.0, description="cRT learning rate (null: train.lr).")
+    reinit: bool = Field(
+        True, description="Re-initialise the task's classes' classifier rows before the stage (the paper)."
     )
 
 
@@ -401,6 +427,7 @@ class FedtailConfig(_Section):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
+    crt: CrtConfig = Field(default_factory=CrtConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
@@ -410,7 +437,16 @@ class FedtailConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> FedtailConfig:
         spec = DATASETS.get(self.dataset.name)
-        n_classes = spec.num_classes
+        kept = self.dataset.classes
+        if kept is not None:
+            allowed = f"2 or more distinct class ids in 0..{spec.num_classes - 1}"
+            if (
+                len(kept) < 2
+                or len(set(kept)) != len(kept)
+                or not all(0 <= c < spec.num_classes for c in kept)
+            ):
+                raise ValueError(f"dataset.classes={kept} for {self.dataset.name!r}; allowed: {allowed}")
+        n_classes = self.num_classes
         cpt = self.tasks.classes_per_task
         if cpt is not None and (cpt > n_classes or n_classes % cpt):
             divisors = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
@@ -451,12 +487,18 @@ class FedtailConfig(_Section):
     # ---- derived views -------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:
-        return DATASETS.get(self.dataset.name).num_classes
+        kept = self.dataset.classes
+        return len(kept) if kept is not None else DATASETS.get(self.dataset.name).num_classes
 
     @property
     def num_tasks(self) -> int:
         cpt = self.tasks.classes_per_task
         return 1 if cpt is None else self.num_classes // cpt
+
+    @property
+    def task_rounds(self) -> int:
+        """Rounds each task takes: the federated rounds, then the cRT stage's."""
+        return self.federation.rounds_per_task + self.crt.rounds
 
     def model_name(self) -> str:
         return DATASETS.get(self.dataset.name).default_model if self.model.name == "auto" else self.model.name

@@ -8,6 +8,7 @@ accuracy matrix ``A`` (T x T, ``A[i, j]`` = accuracy on task ``j`` after trainin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,6 +72,7 @@ def classification_metrics(y_true: Any, y_pred: Any, labels: Sequence[int]) -> d
         "macro_f1": float(f1.mean()),
         "per_class_recall": {c: float(r) for c, r in zip(labels, recalls, strict=True)},
         "per_class_precision": {c: float(v) for c, v in zip(labels, precision, strict=True)},
+        "confusion": cm[:, :-1].astype(np.int64),
     }
 
 
@@ -168,6 +170,42 @@ def group_accuracies(y_true: Any, y_pred: Any, groups: dict[str, list[int]]) -> 
         mask = np.isin(t, np.asarray(classes, dtype=np.int64))
         out[name] = float(np.mean(t[mask] == p[mask])) if mask.any() else float("nan")
     return out
+
+
+CLIENT_COLUMNS = ("client_accuracy_mean", "client_accuracy_std", "client_accuracy_worst10")
+
+
+def client_accuracies(client_counts: Any, per_class_recall: dict[int, float]) -> np.ndarray:
+    """Each client's accuracy on a test set with its own label distribution: ``sum_c p_k(c) recall_c``
+    over the classes with a defined recall, ``p_k`` the client's training label distribution restricted
+    to them. This is the expected accuracy on a local test set drawn from the test split with the
+    client's class mix, without the noise of drawing one (the personalised evaluation of Chen & Chao,
+    "On Bridging Generic and Personalized Federated Learning for Image Classification", ICLR 2022, which
+    re-weights the test set by each client's class distribution). NaN for a client with no sample of
+    those classes."""
+    counts = np.asarray(client_counts, dtype=np.float64)
+    classes = [c for c, r in per_class_recall.items() if not math.isnan(r)]
+    recall = np.array([per_class_recall[c] for c in classes], dtype=np.float64)
+    weights = counts[:, classes] if classes else np.zeros((counts.shape[0], 0))
+    total = weights.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > 0, weights @ recall / total, np.nan)
+
+
+def client_accuracy_summary(accuracies: Any) -> dict[str, float]:
+    """Mean, standard deviation (population, over clients) and the mean of the worst 10 % of clients
+    (at least one; as in Li et al., "Fair Resource Allocation in Federated Learning", ICLR 2020) of
+    per-client accuracies, clients with NaN left out."""
+    acc = np.sort(np.asarray(accuracies, dtype=np.float64))
+    acc = acc[~np.isnan(acc)]
+    if not acc.size:
+        return dict.fromkeys(CLIENT_COLUMNS, math.nan)
+    k = max(1, math.ceil(0.1 * acc.size - 1e-9))
+    return {
+        "client_accuracy_mean": float(acc.mean()),
+        "client_accuracy_std": float(acc.std()),
+        "client_accuracy_worst10": float(acc[:k].mean()),
+    }
 
 
 def expected_calibration_error(proba: Any, y_true: Any, bins: int = 15) -> float:

@@ -29,6 +29,7 @@ CLASS_COUNTS = "class-counts"  # per class, summed over every client: the global
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 TASK = "task"
+STAGE = "stage"  # "fl" (a task's federated rounds) or "crt" (classifier re-training, features frozen)
 GLOBAL_ROUND = "global-round"
 SERVER_ROUND = "server-round"
 

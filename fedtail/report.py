@@ -26,7 +26,9 @@ PLOT_FILES = {
     "per_class_recall": "per_class_recall.png",
     "accuracy_matrix": "accuracy_matrix.png",
     "partition": "partition.png",
+    "confusion_matrix": "confusion_matrix.png",
 }
+CONFUSION_FILES = {"plain": "confusion_matrix.csv", "adjusted": "confusion_matrix_adjusted.csv"}
 RECALL_PREFIX = "recall_"
 
 
@@ -175,6 +177,62 @@ def client_updates_markdown(rounds: pd.DataFrame) -> list[str]:
     return parts
 
 
+HEADLINE = (
+    ("balanced_accuracy", "balanced accuracy ↑"),
+    ("accuracy", "accuracy ↑"),
+    ("macro_f1", "macro-F1 ↑"),
+    ("g_mean", "G-mean ↑"),
+    ("head_accuracy", "head (many-shot) accuracy ↑"),
+    ("medium_accuracy", "medium-shot accuracy ↑"),
+    ("tail_accuracy", "tail (few-shot) accuracy ↑"),
+    ("ece", "ECE (15 bins) ↓"),
+    ("auroc", "macro AUROC (one-vs-rest) ↑"),
+    ("auprc", "macro AUPRC (one-vs-rest) ↑"),
+    ("client_accuracy_mean", "client accuracy, mean ↑"),
+    ("client_accuracy_std", "client accuracy, std ↓"),
+    ("client_accuracy_worst10", "client accuracy, worst 10 % ↑"),
+)
+CONTINUAL_HEADLINE = (
+    ("average_incremental_accuracy", "average incremental accuracy ↑"),
+    ("final_average_accuracy", "final average accuracy ↑"),
+    ("forgetting", "forgetting ↓"),
+    ("backward_transfer", "backward transfer ↑"),
+)
+
+
+def headline_markdown(metrics: dict[str, Any], adjustment: str | None) -> list[str]:
+    """The final model's imbalance metrics, plain and (with an evaluation-time adjustment) adjusted side
+    by side, then the continual metrics of a multi-task run."""
+    adjusted = adjustment not in (None, "none")
+    header = ["metric", "plain"] + ([f"adjusted ({adjustment})"] if adjusted else [])
+    rows = []
+    for key, label in HEADLINE:
+        if f"final_{key}" not in metrics:
+            continue
+        row = [label, _num(metrics[f"final_{key}"])]
+        if adjusted:
+            row.append(_num(metrics.get(f"final_adjusted_{key}")))
+        rows.append(row)
+    parts = [
+        "## Headline",
+        "The final global model on the test classes seen so far. Head / medium / tail: classes with more "
+        "than `evaluation.many_shot`, between, and fewer than `evaluation.few_shot` training samples. "
+        "Client accuracy: each client's accuracy on a test set with its own label distribution.",
+        _table(header, rows),
+    ]
+    if int(metrics.get("num_tasks", 1) or 1) > 1:
+        parts.append(
+            _table(
+                ["continual metric", "value"], [[lbl, _num(metrics.get(k))] for k, lbl in CONTINUAL_HEADLINE]
+            )
+        )
+    return parts
+
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
 def summary_markdown(run_dir: Path) -> str:
     """Metrics, config essentials, accuracy matrix and last round as markdown (no images).
 
@@ -184,8 +242,10 @@ def summary_markdown(run_dir: Path) -> str:
     metrics = read_metrics(run_dir)
     rounds = read_rounds(run_dir)
     matrix = read_accuracy_matrix(run_dir)
+    adjustment = (read_config(run_dir).get("evaluation") or {}).get("adjustment")
     parts = [
         f"# fedtail run `{run_dir.name}`",
+        *headline_markdown(metrics, adjustment),
         "## Metrics",
         _table(["metric", "value"], list(metrics.items())),
     ]
@@ -312,6 +372,43 @@ def plot_accuracy_matrix(matrix: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def read_confusions(run_dir: Path) -> dict[str, pd.DataFrame]:
+    """The final model's confusion matrices (``plain``, and ``adjusted`` with an adjustment) by name."""
+    out = {}
+    for name, file in CONFUSION_FILES.items():
+        path = Path(run_dir) / file
+        if path.is_file():
+            out[name] = pd.read_csv(path, index_col="true")
+    return out
+
+
+def plot_confusion(confusions: dict[str, pd.DataFrame], path: Path) -> Path:
+    """Row-normalised confusion matrices (recall on the diagonal), one panel per matrix; counts in the
+    cells when there are few classes. Rows are true classes, columns predicted ones."""
+    n = len(next(iter(confusions.values())))
+    side = min(3.0 + 0.45 * n, 12.0)
+    fig = _figure(side * len(confusions) + 1.0, side)
+    for i, (name, frame) in enumerate(confusions.items()):
+        ax = fig.add_subplot(1, len(confusions), i + 1)
+        counts = frame.to_numpy(dtype=float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = counts / counts.sum(axis=1, keepdims=True)
+        image = ax.imshow(np.ma.masked_invalid(share), vmin=0.0, vmax=1.0, cmap="Blues")
+        labels = [c.removeprefix("pred_") for c in frame.columns]
+        ax.set_xticks(range(len(labels)), labels, rotation=90 if n > 20 else 0, fontsize=7)
+        ax.set_yticks(range(n), [str(c) for c in frame.index], fontsize=7)
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.set_title(f"{name} (row-normalised)")
+        if n <= 15:
+            for (r, c), v in np.ndenumerate(counts):
+                if v:
+                    colour = "white" if share[r, c] > 0.5 else "black"
+                    ax.text(c, r, str(int(v)), ha="center", va="center", fontsize=7, color=colour)
+    fig.colorbar(image, ax=fig.axes, label="share of the true class", shrink=0.8)
+    return io.write_with(path, functools.partial(fig.savefig, format="png", dpi=110, bbox_inches="tight"))
+
+
 # ---- the report ----------------------------------------------------------------------------------
 def write_plots(run_dir: Path) -> dict[str, Path]:
     """Every figure the run's files allow; returns name -> path of those written."""
@@ -329,6 +426,9 @@ def write_plots(run_dir: Path) -> dict[str, Path]:
     matrix = read_accuracy_matrix(run_dir)
     if matrix is not None:
         written["accuracy_matrix"] = plot_accuracy_matrix(matrix, out / PLOT_FILES["accuracy_matrix"])
+    confusions = read_confusions(run_dir)
+    if confusions:
+        written["confusion_matrix"] = plot_confusion(confusions, out / PLOT_FILES["confusion_matrix"])
     heatmap = run_dir / "partition_heatmap.png"
     if heatmap.is_file():
         written["partition"] = io.write_bytes(out / PLOT_FILES["partition"], heatmap.read_bytes())
@@ -345,6 +445,7 @@ def write_report(run_dir: Path) -> Path:
         "per_class_recall": "Final per-class recall, head to tail",
         "accuracy_matrix": "Accuracy matrix",
         "partition": "Client x class partition",
+        "confusion_matrix": "Confusion matrix of the final model",
     }
     figures = [
         f"### {captions[name]}\n\n![{captions[name]}]({path.relative_to(run_dir).as_posix()})"

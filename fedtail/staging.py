@@ -470,6 +470,22 @@ def staged_problems(staged_dir: Path) -> list[str]:
     return manifest_problems(staged_dir, recorded)
 
 
+def select_classes(splits: Splits, classes: list[int] | None) -> Splits:
+    """The samples of ``classes`` only, labelled by their position in ``classes`` (None: unchanged)."""
+    if classes is None:
+        return splits
+    table = np.full(
+        max(int(splits.y_train.max()), int(splits.y_test.max()), *classes) + 1, -1, dtype=np.int64
+    )
+    table[np.asarray(classes)] = np.arange(len(classes))
+    out = []
+    for x, y in ((splits.x_train, splits.y_train), (splits.x_test, splits.y_test)):
+        new = table[np.asarray(y, dtype=np.int64)]
+        keep = new >= 0
+        out += [np.ascontiguousarray(x[keep]), new[keep]]
+    return Splits(*out)
+
+
 def stage(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
     """`ensure_raw`, then write normalised splits to ``<artifacts>/staged/<name>-<key>/`` (idempotent).
 
@@ -489,7 +505,7 @@ def stage(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
             if not problems:
                 return out
             log.warning("staged arrays in %s fail their check (%s): staging again", out, ", ".join(problems))
-        splits = spec.load(cfg.dataset, raw)
+        splits = select_classes(spec.load(cfg.dataset, raw), cfg.dataset.classes)
         with io.atomic_dir(out) as tmp:
             arrays = (splits.x_train, splits.y_train, splits.x_test, splits.y_test)
             for name, array in zip(STAGED_FILES, arrays, strict=True):
@@ -499,7 +515,7 @@ def stage(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
                 {
                     "name": spec.name,
                     "key": key,
-                    "num_classes": spec.num_classes,
+                    "num_classes": cfg.num_classes,
                     "input_shape": list(spec.input_shape),
                     "sizes": {"train": len(splits.y_train), "test": len(splits.y_test)},
                     "data_md5": md5,

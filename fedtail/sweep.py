@@ -71,6 +71,12 @@ METRICS: dict[str, bool] = {
     "final_adjusted_macro_f1": True,
     "final_adjusted_g_mean": True,
     "final_adjusted_tail_accuracy": True,
+    "final_adjusted_ece": False,
+    "final_client_accuracy_mean": True,
+    "final_client_accuracy_std": False,
+    "final_client_accuracy_worst10": True,
+    "final_adjusted_client_accuracy_mean": True,
+    "final_adjusted_client_accuracy_worst10": True,
     "average_incremental_accuracy": True,
     "final_average_accuracy": True,
     "forgetting": False,
@@ -451,9 +457,10 @@ def summary_markdown(rows: list[dict[str, Any]], spec: SweepSpec, title: str) ->
         cells.append(f"{row['runs']}" + (f" ({row['failed']} failed)" if row["failed"] else ""))
         for m in spec.metrics:
             mean, std = row[f"{m}_mean"], row[f"{m}_std"]
-            text = (
-                "failed" if math.isnan(mean) else f"{mean:.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}")
-            )
+            if math.isnan(mean):  # no finished run, or none that reports it (adjusted_* unadjusted)
+                text = "failed" if row["runs"] == 0 else "–"
+            else:
+                text = f"{mean:.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}")
             cells.append(f"**{text}**" if best[m] == i else text)
         lines.append("| " + " | ".join(cells) + " |")
     seeds = ", ".join(str(s) for s in spec.seeds)

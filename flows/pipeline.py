@@ -111,8 +111,9 @@ def round_progress(row: dict[str, Any], total_rounds: int) -> float:
 
 
 def round_message(row: dict[str, Any], num_tasks: int, rounds_per_task: int) -> str:
+    stage = " (cRT)" if row.get("stage") == "crt" else ""
     return (
-        f"task {int(row['task']) + 1}/{num_tasks} round {int(row['round'])}/{rounds_per_task} "
+        f"task {int(row['task']) + 1}/{num_tasks} round {int(row['round'])}/{rounds_per_task}{stage} "
         f"balanced_acc={float(row['balanced_accuracy']):.4f} acc={float(row['accuracy']):.4f} "
         f"macro_f1={float(row['macro_f1']):.4f}"
     )
@@ -141,7 +142,7 @@ def simulate_task(
 ) -> Path:
     """Train; every round moves the progress artifact and logs one line to the Prefect run log."""
     logger = get_run_logger()  # captured here: Flower may call on_round from its own thread
-    num_tasks, rounds = cfg.num_tasks, cfg.federation.rounds_per_task
+    num_tasks, rounds = cfg.num_tasks, cfg.task_rounds
     total = num_tasks * rounds
     progress_id = create_progress_artifact(
         0.0, key=PROGRESS_ARTIFACT, description=f"{run_dir.name}: rounds done of {total}"

@@ -11,26 +11,31 @@ run-config and prepares data and partitions itself.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from clients.local import step_seed
 from clients.state import from_bytes, restore_content
 from fedtail import io, runs
 from fedtail import protocol as P
-from fedtail.config import check_paths, from_run_config, parse_override_list
+from fedtail.config import FedtailConfig, check_paths, from_run_config, parse_override_list
 from fedtail.metrics import class_groups
-from fedtail.models import model_for, resolve_device, to_arrays, to_state_dict
+from fedtail.models import model_for, reinit_classifier, resolve_device, to_arrays, to_state_dict
 from fedtail.partition import labeled_class_counts, load_schedule
 from fedtail.registry import ADJUSTMENTS, STRATEGIES
 from fedtail.staging import load_staged, staged_meta
-from server.evaluation import Evaluator
+from fedtail.tasks import TaskSchedule
+from server.evaluation import ADJUSTED_KEYS, Evaluator
 from server.recorder import IMBALANCE_COLUMNS, RunRecorder
+from strategies.base import FedtailStrategy
 
 log = logging.getLogger("fedtail")
 
@@ -105,6 +110,76 @@ def restore_client_states(
         )
 
 
+FL, CRT = "fl", "crt"
+"""A task's stages: its federated rounds, then the optional cRT rounds (``crt.rounds``)."""
+CRT_SEED = 0xC47  # seeds the classifier rows cRT re-initialises, per task
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What scoring and recording a round needs, beside the round itself."""
+
+    cfg: FedtailConfig
+    evaluator: Evaluator
+    recorder: RunRecorder
+    strategy: FedtailStrategy
+    schedule: TaskSchedule
+    on_round: OnRound | None
+
+
+def evaluate_round(
+    server_round: int,
+    arrays: ArrayRecord,
+    *,
+    t: int,
+    stage: str,
+    first: int,
+    seen: list[int],
+    context: RoundContext,
+) -> MetricRecord | None:
+    """Flower's ``evaluate_fn``: score the aggregated model after a round, record the row (checkpoint
+    included) and log it. ``first`` is how many rounds of task ``t`` came before this call's stage."""
+    if server_round == 0:
+        return None
+    cfg, strategy, schedule = context.cfg, context.strategy, context.schedule
+    r = first + server_round  # 1-based round within the task, counting every stage
+    res = context.evaluator.evaluate(arrays, seen, schedule.tasks[: t + 1])
+    nan = float("nan")
+    recall = {f"recall_{c}": res["per_class_recall"].get(c, nan) for c in range(cfg.num_classes)}
+    precision = {f"precision_{c}": res["per_class_precision"].get(c, nan) for c in range(cfg.num_classes)}
+    row = {
+        "task": t,
+        "stage": stage,
+        "round": r,
+        "global_round": t * cfg.task_rounds + r,
+        **strategy.last_counts._asdict(),
+        "train_loss": strategy.last_train_loss,
+        "accuracy": res["accuracy"],
+        "balanced_accuracy": res["balanced_accuracy"],
+        "macro_f1": res["macro_f1"],
+        "num_seen_classes": len(seen),
+        **{k: res.get(k, nan) for k in IMBALANCE_COLUMNS},
+        **{f"adjusted_{k}": res[f"adjusted_{k}"] for k in ADJUSTED_KEYS if f"adjusted_{k}" in res},
+        **recall,
+        **precision,
+    }
+    context.recorder.record_round(row, arrays)
+    log.info(
+        "task %d/%d round %d/%d%s  balanced_acc=%.4f  acc=%.4f  macro_f1=%.4f",
+        t + 1,
+        schedule.num_tasks,
+        r,
+        cfg.task_rounds,
+        " (cRT)" if stage == CRT else "",
+        res["balanced_accuracy"],
+        res["accuracy"],
+        res["macro_f1"],
+    )
+    if context.on_round is not None:
+        context.on_round(dict(row, num_tasks=schedule.num_tasks, rounds_per_task=cfg.task_rounds))
+    return MetricRecord({k: float(row[k]) for k in ("accuracy", "balanced_accuracy", "macro_f1")})
+
+
 def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | None = None) -> dict:
     """The server loop over tasks and rounds; returns the final metrics (also in metrics.json)."""
     cfg = job.config
@@ -126,6 +201,8 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
         threads=cfg.engine.threads_per_client,
         groups=groups,
         adjustment=adjustment,
+        client_counts=counts,
+        seed=cfg.seed,
     )
     recorder = RunRecorder(run_dir, cfg, schedule)
     if recorder.resumed:
@@ -133,78 +210,53 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
     arrays = recorder.arrays or to_arrays(model)
     strategy = STRATEGIES.get(cfg.strategy.name).from_config(cfg, node_of)
     strategy.client_info, strategy.client_states = recorder.client_info, recorder.client_states  # shared
+    round_context = RoundContext(cfg, evaluator, recorder, strategy, schedule, on_round)
+    shape = meta["input_shape"]
     rounds, n_tasks = cfg.federation.rounds_per_task, schedule.num_tasks
+    stages = [(FL, rounds)] + ([(CRT, cfg.crt.rounds)] if cfg.crt.rounds else [])
 
     for t in range(recorder.tasks_done, n_tasks):
-        done = recorder.rounds_done_in_task(t)
         seen = schedule.seen_classes(t)
-        strategy.round_offset = t * rounds + done
-        train_config = ConfigRecord(
-            {
-                P.JOB: job.to_json(),
-                P.TASK: t,
-                "task-classes": list(schedule.tasks[t]),
-                "seen-classes": seen,
-                P.CLASS_PRIOR: prior.tolist(),
-                P.CLASS_COUNTS: [int(c) for c in global_counts],
-            }
-        )
-
-        def evaluate_fn(server_round: int, arrays, t=t, done=done, seen=seen) -> MetricRecord | None:
-            if server_round == 0:
-                return None
-            r = done + server_round
-            res = evaluator.evaluate(arrays, seen, schedule.tasks[: t + 1])
-            nan = float("nan")
-            recall = {f"recall_{c}": res["per_class_recall"].get(c, nan) for c in range(cfg.num_classes)}
-            precision = {
-                f"precision_{c}": res["per_class_precision"].get(c, nan) for c in range(cfg.num_classes)
-            }
-            row = {
-                "task": t,
-                "round": r,
-                "global_round": t * rounds + r,
-                **strategy.last_counts._asdict(),
-                "train_loss": strategy.last_train_loss,
-                "accuracy": res["accuracy"],
-                "balanced_accuracy": res["balanced_accuracy"],
-                "macro_f1": res["macro_f1"],
-                "num_seen_classes": len(seen),
-                **{k: res[k] for k in IMBALANCE_COLUMNS},
-                **{k: v for k, v in res.items() if k.startswith("adjusted_")},
-                **recall,
-                **precision,
-            }
-            recorder.record_round(row, arrays)
-            log.info(
-                "task %d/%d round %d/%d  balanced_acc=%.4f  acc=%.4f  macro_f1=%.4f",
-                t + 1,
-                n_tasks,
-                r,
-                rounds,
-                res["balanced_accuracy"],
-                res["accuracy"],
-                res["macro_f1"],
-            )
-            if on_round is not None:
-                on_round(dict(row, num_tasks=n_tasks, rounds_per_task=rounds))
-            return MetricRecord({k: float(row[k]) for k in ("accuracy", "balanced_accuracy", "macro_f1")})
-
-        if done < rounds:
-            result = strategy.start(
-                grid,
-                arrays,
-                num_rounds=rounds - done,
-                timeout=cfg.engine.timeout,
-                train_config=train_config,
-                evaluate_fn=evaluate_fn,
-            )
-            arrays = recorder.arrays if recorder.arrays is not None else result.arrays
+        offset = 0  # rounds of this task before the stage
+        for stage, stage_rounds in stages:
+            done = recorder.rounds_done_in_task(t, stage)
+            if done < stage_rounds:
+                if stage == CRT and done == 0 and cfg.crt.reinit:
+                    seed = step_seed(cfg.seed, t, CRT_SEED)
+                    fresh = model_for(cfg.model_copy(update={"seed": seed}), shape)
+                    arrays = reinit_classifier(arrays, fresh, schedule.tasks[t])
+                strategy.round_offset = t * cfg.task_rounds + offset + done
+                strategy.frozen_prefixes = ("features.",) if stage == CRT else ()
+                train_config = ConfigRecord(
+                    {
+                        P.JOB: job.to_json(),
+                        P.TASK: t,
+                        P.STAGE: stage,
+                        "task-classes": list(schedule.tasks[t]),
+                        "seen-classes": seen,
+                        P.CLASS_PRIOR: prior.tolist(),
+                        P.CLASS_COUNTS: [int(c) for c in global_counts],
+                    }
+                )
+                evaluate_fn = functools.partial(
+                    evaluate_round, t=t, stage=stage, first=offset + done, seen=seen, context=round_context
+                )
+                result = strategy.start(
+                    grid,
+                    arrays,
+                    num_rounds=stage_rounds - done,
+                    timeout=cfg.engine.timeout,
+                    train_config=train_config,
+                    evaluate_fn=evaluate_fn,
+                )
+                arrays = recorder.arrays if recorder.arrays is not None else result.arrays
+            offset += stage_rounds
         final = evaluator.evaluate(arrays, seen, schedule.tasks[: t + 1])
         recorder.end_task(t, final["task_accuracies"])
 
-    state_dict = to_state_dict(arrays)
-    return recorder.finish(state_dict)
+    last = schedule.num_tasks - 1
+    final = evaluator.evaluate(arrays, schedule.seen_classes(last), schedule.tasks)
+    return recorder.finish(to_state_dict(arrays), final)
 
 
 def write_run_header(job: P.Job, run_dir: Path) -> None:

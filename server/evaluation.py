@@ -17,6 +17,8 @@ from torch import nn
 from fedtail.datasets.base import Splits
 from fedtail.metrics import (
     classification_metrics,
+    client_accuracies,
+    client_accuracy_summary,
     expected_calibration_error,
     geometric_mean_recall,
     group_accuracies,
@@ -35,6 +37,12 @@ ADJUSTED_KEYS = (
     "head_accuracy",
     "medium_accuracy",
     "tail_accuracy",
+    "ece",
+    "auroc",
+    "auprc",
+    "client_accuracy_mean",
+    "client_accuracy_std",
+    "client_accuracy_worst10",
 )
 
 
@@ -50,14 +58,27 @@ class Evaluator:
         threads: int | None = None,
         groups: dict[str, list[int]] | None = None,
         adjustment: Adjustment | None = None,
+        client_counts: np.ndarray | None = None,
+        seed: int = 0,
     ) -> None:
         self.groups = groups or {}  # head / medium / tail classes by global training count
         self.adjustment = adjustment  # scored beside the plain model as adjusted_*
+        self.client_counts = client_counts  # clients x classes: each client's personalised accuracy
         self.model = model.to(device).eval()
         self.device = device
         self.threads = threads
-        self.x = torch.from_numpy(np.array(splits.x_test, dtype=np.float32))  # own copy, not the mmap
-        self.y = np.asarray(splits.y_test, dtype=np.int64)
+        x = torch.from_numpy(np.array(splits.x_test, dtype=np.float32))  # own copy, not the mmap
+        y = np.asarray(splits.y_test, dtype=np.int64)
+        self.x_cal = self.y_cal = None
+        fraction = adjustment.calibration_fraction if adjustment is not None else 0.0
+        if fraction > 0:  # held out for the adjustment to tune on; every metric is on the rest
+            from sklearn.model_selection import train_test_split
+
+            rest, cal = train_test_split(np.arange(len(y)), test_size=fraction, stratify=y, random_state=seed)
+            rest, cal = np.sort(rest), np.sort(cal)
+            self.x_cal, self.y_cal = x[cal], y[cal]
+            x, y = x[rest], y[rest]
+        self.x, self.y = x, y
         self.batch_size = batch_size
 
     def predict(
@@ -87,6 +108,10 @@ class Evaluator:
         adjust = self.adjustment if adjusted else None
         model = adjust.model(self.model) if adjust else self.model
         seen_t = torch.as_tensor(list(seen), device=self.device)
+        if adjust is not None and self.x_cal is not None:
+            mask = np.isin(self.y_cal, list(seen))
+            logits = torch.cat([model(xb.to(self.device)) for xb in self.x_cal[mask].split(self.batch_size)])
+            adjust.calibrate(logits[:, seen_t], self.y_cal[mask], list(seen))
         preds, probas = [], []
         for start in range(0, len(self.x), self.batch_size):
             logits = model(self.x[start : start + self.batch_size].to(self.device))
@@ -97,14 +122,16 @@ class Evaluator:
 
     def evaluate(self, arrays: ArrayRecord, seen: Sequence[int], tasks: Sequence[Sequence[int]]) -> dict:
         """Metrics over the seen classes (classification, G-mean, head / medium / tail accuracy, ECE,
-        macro one-vs-rest AUROC / AUPRC) plus accuracy on each task trained so far; with an adjustment,
-        also ``adjusted_<name>`` for `ADJUSTED_KEYS`."""
+        macro one-vs-rest AUROC / AUPRC, the confusion matrix over ``seen``, each client's personalised
+        accuracy and their mean / std / worst 10 %) plus accuracy on each task trained so far; with an
+        adjustment, also ``adjusted_<name>`` for `ADJUSTED_KEYS` and ``adjusted_confusion``."""
         y_pred, proba = self.predict(arrays, seen)
         out = self._scores(y_pred, proba, seen)
         out["task_accuracies"] = task_accuracies(self.y, y_pred, tasks)
         if self.adjustment is not None:
             adjusted = self._scores(*self.predict(arrays, seen, adjusted=True), seen)
             out.update({f"adjusted_{k}": adjusted[k] for k in ADJUSTED_KEYS if k in adjusted})
+            out["adjusted_confusion"] = adjusted["confusion"]
         return out
 
     def _scores(self, y_pred: np.ndarray, proba: np.ndarray, seen: Sequence[int]) -> dict:
@@ -119,4 +146,7 @@ class Evaluator:
         seen_set = set(seen)
         groups = {g: [c for c in classes if c in seen_set] for g, classes in self.groups.items()}
         out.update({f"{g}_accuracy": acc for g, acc in group_accuracies(y, pred, groups).items()})
+        if self.client_counts is not None:
+            out["client_accuracies"] = client_accuracies(self.client_counts, out["per_class_recall"])
+            out.update(client_accuracy_summary(out["client_accuracies"]))
         return out

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord
 from fedtail import io
 from fedtail.config import ConfigError, FedtailConfig
 from fedtail.metrics import (
+    CLIENT_COLUMNS,
     average_incremental_accuracy,
     backward_transfer,
     final_average_accuracy,
@@ -35,8 +36,11 @@ IMBALANCE_COLUMNS = (
     "ece",
     "auroc",
     "auprc",
+    *CLIENT_COLUMNS,
 )
 
+CONFUSION_FILE = "confusion_matrix.csv"
+ADJUSTED_CONFUSION_FILE = "confusion_matrix_adjusted.csv"
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 3
 # 1: one tensor per client state; 2: the states packed into one tensor; 3: rows and clients' info as JSON
@@ -165,6 +169,15 @@ def csv_text(rows: list[dict], header: bool = True, float_format: str = "{:.6f}"
     return out.getvalue()
 
 
+def confusion_csv(matrix: np.ndarray, labels: list[int]) -> str:
+    """Rows: true class; columns ``pred_<class>``: test samples of the row's class predicted as it."""
+    rows = [
+        {"true": c, **{f"pred_{p}": int(v) for p, v in zip(labels, row, strict=True)}}
+        for c, row in zip(labels, np.asarray(matrix).tolist(), strict=True)
+    ]
+    return csv_text(rows)
+
+
 class RunRecorder:
     """Accumulates per-round rows and the accuracy matrix; resumes from the checkpoint if present.
 
@@ -205,8 +218,9 @@ class RunRecorder:
     def rounds_done(self) -> int:
         return len(self.rows)
 
-    def rounds_done_in_task(self, task: int) -> int:
-        return sum(1 for r in self.rows if r["task"] == task)
+    def rounds_done_in_task(self, task: int, stage: str | None = None) -> int:
+        """Rounds recorded for ``task`` (of one ``stage`` only, if given)."""
+        return sum(1 for r in self.rows if r["task"] == task and stage in (None, r.get("stage", "fl")))
 
     # ---- recording ------------------------------------------------------------------------------
     def record_round(self, row: dict, arrays: ArrayRecord) -> None:
@@ -260,7 +274,9 @@ class RunRecorder:
         io.write_text(self.run_dir / "accuracy_matrix.csv", csv_text(rows) if t else "after_task\n")
 
     # ---- final outputs --------------------------------------------------------------------------
-    def finish(self, state_dict: dict) -> dict:
+    def finish(self, state_dict: dict, final: dict | None = None) -> dict:
+        """Write the final outputs; ``final`` is the evaluator's result for the final model over every
+        seen class (its confusion matrices and per-client accuracies are written beside the metrics)."""
         last = self.rows[-1]
         a = self.acc_matrix
         metrics = {
@@ -283,8 +299,21 @@ class RunRecorder:
         }
         metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
         io.write_with(self.run_dir / "model.pt", lambda fh: torch.save(state_dict, fh))
-        rows = [{"partition_id": pid, **info} for pid, info in sorted(self.client_info.items())]
+        per_client = (final or {}).get("client_accuracies")
+        pids = sorted(self.client_info) if per_client is None else range(len(per_client))
+        rows = [
+            {
+                "partition_id": pid,
+                **({} if per_client is None else {"accuracy": float(per_client[pid])}),
+                **self.client_info.get(pid, {}),
+            }
+            for pid in pids
+        ]
         io.write_text(self.run_dir / "clients.csv", csv_text(rows, float_format="{}"))
+        seen = self.schedule.seen_classes(self.schedule.num_tasks - 1)
+        for key, name in (("confusion", CONFUSION_FILE), ("adjusted_confusion", ADJUSTED_CONFUSION_FILE)):
+            if final is not None and key in final:
+                io.write_text(self.run_dir / name, confusion_csv(final[key], seen))
         self._write_matrix()
         io.write_json(self.run_dir / "metrics.json", metrics)
         return metrics

@@ -113,6 +113,11 @@ def weighted_metrics(records: list[RecordDict], weighting_key: str) -> MetricRec
     return MetricRecord(out)
 
 
+def keep_frozen(arrays: ArrayRecord, reference: ArrayRecord, prefixes: tuple[str, ...]) -> ArrayRecord:
+    """``arrays`` with every array named ``prefix...`` taken from ``reference`` instead."""
+    return ArrayRecord({k: reference[k] if k.startswith(prefixes) else v for k, v in arrays.items()})
+
+
 class FedtailStrategy:
     """Mixin: deterministic sampling by partition id, ordered and validated aggregation."""
 
@@ -130,6 +135,9 @@ class FedtailStrategy:
         self.last_train_loss = float("nan")
         self.last_counts = RoundCounts()
         self._reference: ArrayRecord | None = None
+        self.frozen_prefixes: tuple[str, ...] = ()
+        """Arrays whose names start with one of these are kept as sent (a stage that freezes them, cRT's
+        features): float averaging of identical copies could move them by an ulp."""
 
     @classmethod
     def from_config(cls, cfg: FedtailConfig, node_of_partition: dict[int, int]) -> FedtailStrategy:
@@ -213,6 +221,8 @@ class FedtailStrategy:
             arrays, metrics = super().aggregate_train(server_round, [m for _, m, _ in usable])
         if metrics is not None and P.TRAIN_LOSS in metrics:
             self.last_train_loss = float(metrics[P.TRAIN_LOSS])
+        if arrays is not None and self.frozen_prefixes and self._reference is not None:
+            arrays = keep_frozen(arrays, self._reference, self.frozen_prefixes)
         return arrays, metrics
 
     @classmethod

@@ -69,6 +69,19 @@ def smoke_config(root: Path, **overrides) -> FedtailConfig:
     return load_config(REPO / "configs" / "smoke.yaml", {**base, **overrides})
 
 
+def smoke_run(root: Path, run_id: str, **overrides) -> tuple[Path, dict]:
+    """Stage, partition and simulate `smoke_config` (in-process); the run folder and its metrics."""
+    import json
+
+    from fedtail import pipeline
+
+    cfg = smoke_config(root, **{"output.run_id": run_id, **overrides})
+    staged = pipeline.stage(cfg, root)
+    parts = pipeline.partition(cfg, staged, root)
+    run_dir = pipeline.simulate(cfg, staged, parts, pipeline.new_run_dir(cfg, root))
+    return run_dir, json.loads((run_dir / "metrics.json").read_text())
+
+
 def crashed_run(cfg: FedtailConfig, root: Path, crash_at: int) -> Path:
     """Stage, partition and simulate until global round ``crash_at``, then 'crash' (KeyboardInterrupt).
 

@@ -10,20 +10,12 @@ import pandas as pd
 import pytest
 
 from fedtail import pipeline, runs
-from tests.conftest import crashed_run, smoke_config
-
-
-def _run(project: Path, run_id: str, **overrides) -> tuple[Path, dict]:
-    cfg = smoke_config(project, **{"output.run_id": run_id, **overrides})
-    staged = pipeline.stage(cfg, project)
-    parts = pipeline.partition(cfg, staged, project)
-    run_dir = pipeline.simulate(cfg, staged, parts, pipeline.new_run_dir(cfg, project))
-    return run_dir, json.loads((run_dir / "metrics.json").read_text())
+from tests.conftest import crashed_run, smoke_config, smoke_run
 
 
 @pytest.fixture(scope="module")
 def inprocess_run(project: Path) -> tuple[Path, dict]:
-    return _run(project, "inprocess")
+    return smoke_run(project, "inprocess")
 
 
 def test_inprocess_run_writes_every_output(inprocess_run: tuple[Path, dict]) -> None:
@@ -60,7 +52,7 @@ def test_client_state_persists_across_rounds_and_tasks(inprocess_run: tuple[Path
 def test_ray_engines_give_identical_metrics(
     project: Path, inprocess_run: tuple[Path, dict], engine: str
 ) -> None:
-    ray_dir, ray_metrics = _run(project, engine, **{"engine.name": engine})
+    ray_dir, ray_metrics = smoke_run(project, engine, **{"engine.name": engine})
     _, metrics = inprocess_run
     for key, value in metrics.items():
         if isinstance(value, float):
@@ -82,7 +74,7 @@ def test_crashed_run_resumes_to_the_same_result(project: Path, inprocess_run: tu
 
 
 def test_worker_pool_matches_sequential(project: Path, inprocess_run: tuple[Path, dict]) -> None:
-    _, pooled = _run(project, "pool", **{"engine.workers": 2})
+    _, pooled = smoke_run(project, "pool", **{"engine.workers": 2})
     assert pooled == inprocess_run[1]
 
 

@@ -84,3 +84,42 @@ def test_ranking_metrics_handle_tied_scores_as_scikit_learn_does() -> None:
         assert got["auprc"] == pytest.approx(
             average_precision_score(onehot, proba, average="macro"), abs=1e-12
         )
+
+
+def test_confusion_is_scikit_learns() -> None:
+    from sklearn.metrics import confusion_matrix
+
+    from fedtail.metrics import classification_metrics
+
+    y, pred, _ = _sample(3)
+    labels = [4, 0, 2, 1, 3]  # seen-class order, not sorted
+    got = classification_metrics(y, pred, labels)["confusion"]
+    np.testing.assert_array_equal(got, confusion_matrix(y, pred, labels=labels))
+
+
+def test_client_accuracy_is_the_accuracy_on_a_test_set_with_its_class_mix() -> None:
+    """A client holding 3:1 of classes 0:1 sees a test set with that mix: its accuracy is the
+    recall-weighted mix, which a literal test set built with that mix reproduces exactly."""
+    from fedtail.metrics import client_accuracies
+
+    counts = np.array([[3, 1, 0], [0, 2, 2], [0, 0, 0]])
+    recall = {0: 1.0, 1: 0.5, 2: float("nan")}  # class 2 has no test sample: left out
+    acc = client_accuracies(counts, recall)
+    np.testing.assert_allclose(acc[:2], [0.875, 0.5])
+    assert np.isnan(acc[2])
+    # literal: 3 copies of class 0's test samples (all right), 1 of class 1's (half right)
+    y_local = np.r_[np.zeros(6), np.ones(2)]
+    right = np.r_[np.ones(6), [1, 0]]
+    assert right[y_local >= 0].mean() == acc[0]
+
+
+def test_client_summary_worst_ten_percent() -> None:
+    from fedtail.metrics import client_accuracy_summary
+
+    acc = np.r_[np.linspace(0.1, 1.0, 25), np.nan]
+    out = client_accuracy_summary(acc)
+    valid = np.linspace(0.1, 1.0, 25)
+    assert out["client_accuracy_worst10"] == pytest.approx(valid[:3].mean())  # ceil(2.5) = 3 clients
+    assert out["client_accuracy_mean"] == pytest.approx(valid.mean())
+    assert out["client_accuracy_std"] == pytest.approx(valid.std())
+    assert client_accuracy_summary(np.linspace(0, 1, 10))["client_accuracy_worst10"] == 0.0

@@ -212,7 +212,7 @@ def test_each_objective_trains_a_long_tailed_toy_problem(objective: str) -> None
     assert (pred == y).mean() == 1.0
 
 
-def _tail_recall(objective: str, options: dict | None = None, sampler: str = "shuffle") -> float:
+def _tail_recall(objective: str, options: dict | None = None, sampler: str = "shuffle", **train) -> float:
     """Recall of the rarest class on a balanced probe after training on overlapping long-tailed data
     (400 / 40 / 10 samples), from the same initial model and batch order for every objective."""
     rng = np.random.default_rng(1)
@@ -226,7 +226,7 @@ def _tail_recall(objective: str, options: dict | None = None, sampler: str = "sh
     sections = {
         "model": {"classifier": classifier},
         "federation": {"rounds_per_task": 1},
-        "train": {"epochs": 40, "batch_size": 32, "sampler": sampler},
+        "train": {"epochs": 40, "batch_size": 32, "sampler": sampler, **train},
     }
     ctx = _ctx(objective, options, net=model, **sections)
     ctx.global_counts = np.bincount(y, minlength=10)

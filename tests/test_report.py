@@ -24,7 +24,13 @@ def _tiny_png(path: Path) -> None:
     fig.savefig(path, format="png")
 
 
-def make_run(run_dir: Path, tasks: list[list[int]], rounds_per_task: int = 2, heatmap: bool = True) -> dict:
+def make_run(
+    run_dir: Path,
+    tasks: list[list[int]],
+    rounds_per_task: int = 2,
+    heatmap: bool = True,
+    adjustment: str | None = None,
+) -> dict:
     """A run folder shaped like simulate's output, with NaN recalls for classes not seen yet."""
     rng = np.random.default_rng(0)
     n_classes = sum(len(t) for t in tasks)
@@ -76,11 +82,26 @@ def make_run(run_dir: Path, tasks: list[list[int]], rounds_per_task: int = 2, he
         "seed: 0\ndataset: {name: digits}\npartition: {method: dirichlet, alpha: 0.5}\n"
         f"tasks: {{classes_per_task: {len(tasks[0])}}}\nfederation: {{num_clients: 3, rounds_per_task: 2}}\n"
         "strategy: {name: fedavg, options: {}}\n"
+        f"evaluation: {{adjustment: {adjustment or 'none'}}}\n"
     )
+    for file in ["confusion_matrix.csv"] + (["confusion_matrix_adjusted.csv"] if adjustment else []):
+        cm = pd.DataFrame(
+            rng.integers(0, 9, size=(n_classes, n_classes)), columns=[f"pred_{c}" for c in order], index=order
+        )
+        cm.index.name = "true"
+        cm.to_csv(run_dir / file)
     metrics = {
         "final_accuracy": 0.8123,
         "final_balanced_accuracy": 0.7345,
         "final_macro_f1": 0.7001,
+        "final_g_mean": 0.5512,
+        "final_tail_accuracy": 0.3101,
+        "final_client_accuracy_worst10": 0.2202,
+        **(
+            {"final_adjusted_balanced_accuracy": 0.7901, "final_adjusted_tail_accuracy": 0.5203}
+            if adjustment
+            else {}
+        ),
         "average_incremental_accuracy": 0.6512,
         "final_average_accuracy": 0.6011,
         "forgetting": 0.2345 if n_tasks > 1 else math.nan,
@@ -165,3 +186,21 @@ def test_report_shows_failed_and_rejected_client_updates(tmp_path: Path) -> None
     md = summary_markdown(run_dir)
     assert "| 12 | 10 | 1 | 1 | 0 |" in md  # sampled, aggregated, failed, rejected, no data
     assert "| 1 | 1 | 3 | 3 | 1 | 1 | 1 |" in md  # task 1 round 1 (global round 3) lost two updates
+
+
+def test_headline_shows_plain_and_adjusted_side_by_side(tmp_path: Path) -> None:
+    run_dir = tmp_path / "adj"
+    make_run(run_dir, [list(range(4))], adjustment="posthoc_la")
+    text = write_report(run_dir).read_text()
+    headline = text.split("## Headline")[1].split("## Metrics")[0]
+    assert "| metric | plain | adjusted (posthoc_la) |" in headline
+    assert "| balanced accuracy ↑ | 0.7345 | 0.7901 |" in headline
+    assert "| tail (few-shot) accuracy ↑ | 0.3101 | 0.5203 |" in headline
+    assert "| client accuracy, worst 10 % ↑ | 0.2202 | – |" in headline
+    assert "continual metric" not in headline  # one task: no continual table
+    _assert_png(run_dir / "plots" / PLOT_FILES["confusion_matrix"])
+    plain = tmp_path / "plain"
+    make_run(plain, [[0, 1], [2, 3]])
+    text = summary_markdown(plain)
+    assert "| metric | plain |\n" in text and "adjusted" not in text.split("## Metrics")[0]
+    assert "| forgetting ↓ | 0.2345 |" in text

@@ -110,6 +110,9 @@ def test_summary_means_stds_and_best_per_direction() -> None:
     assert sweep.best_index(rows, "final_accuracy") == 0 and sweep.best_index(rows, "forgetting") == 1
     text = sweep.summary_markdown(rows, spec, "t")
     assert "**0.6000 ± 0.1414**" in text and "| **0.0000** |" in text and "1 (1 failed)" in text
+    adjusted = sweep.SweepSpec(axes={"x": [1]}, seeds=[0], metrics=["final_adjusted_accuracy"])
+    text = sweep.summary_markdown(sweep.summary_rows(outcomes[:1], adjusted), adjusted, "t")
+    assert text.splitlines()[4].endswith("| 1 | – |")  # a run without an adjustment did not fail
 
 
 def _run(path: Path, project: Path, workers: int) -> tuple[Path, list[sweep.Outcome]]:

@@ -67,7 +67,7 @@ class LDAM(LocalObjective):
         counts = self.class_counts(self.options.counts)
         self.margins = cfg.model.cosine_scale * ldam_margins(counts, self.options.max_m)
         rounds = cfg.federation.rounds_per_task
-        round_in_task = self.ctx.global_round - self.ctx.task * rounds
+        round_in_task = self.ctx.global_round - self.ctx.task * cfg.task_rounds
         self.weight = (
             class_balanced_weights(counts, self.options.beta)
             if drw_active(round_in_task, rounds, self.options.drw_start)

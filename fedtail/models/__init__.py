@@ -168,6 +168,22 @@ def to_state_dict(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     return {key: torch.from_numpy(array_to_numpy(a).copy()) for key, a in arrays.items()}
 
 
+def reinit_classifier(arrays: ArrayRecord, fresh: FeatureClassifier, classes: Sequence[int]) -> ArrayRecord:
+    """``arrays`` with the classifier's rows (weight rows, bias entries) of ``classes`` replaced by those of
+    the freshly initialised ``fresh``: cRT's re-initialisation (Kang et al. 2020) of the classes it
+    re-trains, leaving the features and every other class's row as they are."""
+    rows = torch.as_tensor(list(classes), dtype=torch.int64)
+    new = fresh.state_dict()
+    out = ArrayRecord()
+    for key, array in arrays.items():
+        if key.startswith("classifier."):
+            value = torch.from_numpy(array_to_numpy(array).copy())
+            value[rows] = new[key][rows].to(value.dtype)
+            array = array_from_numpy(value.numpy())
+        out[key] = array
+    return out
+
+
 def load_arrays(model: nn.Module, arrays: ArrayRecord) -> nn.Module:
     """``model.load_state_dict(arrays, strict=True)``. When every key, shape and dtype matches a CPU
     tensor of the model, the data is copied straight into it (the same values load_state_dict would

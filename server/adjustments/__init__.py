@@ -9,7 +9,8 @@ clients.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -17,11 +18,20 @@ from torch import nn
 
 from fedtail.registry import ADJUSTMENTS, PluginOptions
 
+if TYPE_CHECKING:
+    from fedtail.config import FedtailConfig
+
 
 class Adjustment:
     """Base: the identity. Settings from ``evaluation.options`` as ``self.options``."""
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
+
+    @property
+    def calibration_fraction(self) -> float:
+        """Share of the test split the evaluator holds out for `calibrate` (then every metric of the run,
+        plain and adjusted, is computed on the rest). 0: the adjustment needs no data."""
+        return 0.0
 
     def __init__(self, options: dict, class_counts: np.ndarray) -> None:
         self.options = self.Options.model_validate(options)
@@ -34,6 +44,15 @@ class Adjustment:
     def logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits over all classes, adjusted (the evaluator restricts them to the seen classes after)."""
         return logits
+
+    def calibrate(self, logits: torch.Tensor, y: np.ndarray, seen: Sequence[int]) -> None:
+        """Fit the adjustment to the held-out calibration samples before each evaluation: ``logits`` of
+        the `model` over ``seen`` (columns in ``seen``'s order), ``y`` their labels."""
+
+    @classmethod
+    def check_config(cls, cfg: FedtailConfig) -> str | None:
+        """Why this adjustment cannot run with ``cfg``, or None (checked with the config)."""
+        return None
 
 
 @ADJUSTMENTS.register("none")
