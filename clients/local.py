@@ -192,12 +192,12 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
     xt, yt = xt.to(ctx.device), yt.to(ctx.device)
     if fy is not None:
         fy = fy.to(ctx.device)
-    optimizer = make_optimizer(model, ctx.job)
+    objective.begin()
+    optimizer = make_optimizer(model, ctx.job, cfg.train.lr * objective.lr_scale())
     generator = torch.Generator().manual_seed(seed)
     bs = cfg.train.batch_size
     total, steps = 0.0, 0
     model.train()
-    objective.begin()
     for _ in range(cfg.train.epochs):
         order = epoch_order(labels, cfg.train.sampler, generator).to(ctx.device)
         for start in range(0, len(order), bs):

@@ -13,6 +13,7 @@ from flwr.app import RecordDict
 from sklearn.utils.class_weight import compute_class_weight
 from torch.nn import functional as F
 
+from clients import local
 from clients.local import LocalContext, train_local
 from fedtail.config import ConfigError, build_config
 from fedtail.models import build_model
@@ -169,6 +170,31 @@ def test_ldam_margins_and_deferred_reweighting() -> None:
     wy = w[Y.numpy()]
     assert ldam(9) == pytest.approx((wy * nll).sum() / wy.sum(), rel=1e-5)  # rounds 9, 10: DRW
     assert ldam(10, drw_start=1.0) == pytest.approx(nll.mean(), rel=1e-5)  # LDAM without DRW
+
+
+def test_ldam_steps_the_learning_rate_down_with_drw() -> None:
+    """The official code multiplies the learning rate by 0.01 at the epoch DRW starts."""
+
+    def scale(global_round: int, **options) -> float:
+        ctx = _ctx("ldam", options, federation={"rounds_per_task": 10})
+        ctx.global_round = global_round
+        obj = OBJECTIVES.get("ldam")(ctx)
+        obj.begin()
+        return obj.lr_scale()
+
+    assert scale(8) == 1.0 and scale(9) == 0.01 and scale(9, drw_lr_scale=1.0) == 1.0
+    assert OBJECTIVES.get("ce")(_ctx("ce")).lr_scale() == 1.0
+
+
+def test_the_objectives_lr_scale_reaches_the_optimizer(monkeypatch) -> None:
+    seen = []
+    real = local.make_optimizer
+    monkeypatch.setattr(local, "make_optimizer", lambda m, job, lr=None: seen.append(lr) or real(m, job, lr))
+    net = build_model("mlp", (3,), 3, 4, 0, classifier="cosine")
+    ctx = _ctx("ldam", {"drw_start": 0.0}, net=net, federation={"rounds_per_task": 10})
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    local.train_local(ctx, x, np.array([0, 1, 2, 0, 1, 2, 0, 1]))
+    assert seen == [pytest.approx(0.05 * 0.01)]
 
 
 def test_ldam_needs_the_cosine_classifier() -> None:

@@ -44,6 +44,11 @@ class LocalObjective:
     def begin(self) -> None:
         """Called once before the first local step of a round."""
 
+    def lr_scale(self) -> float:
+        """Factor on ``train.lr`` for this round (after `begin`): an objective whose paper changes the
+        learning rate at a point of its schedule (LDAM-DRW) says so here. 1.0: unchanged."""
+        return 1.0
+
     def loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

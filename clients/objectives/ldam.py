@@ -6,7 +6,10 @@ the loss is ``CE(s * (cos - m_y 1_y), y)`` on a normalised (cosine) classifier w
 classes must win by a wider margin, which tightens their generalisation bound (eq. 9-11). DRW (Algorithm
 1): plain weights first, then from a switch point on class-balanced weights ``(1 - beta) / (1 - beta^n_j)``
 (beta 0.9999, normalised to sum to the classes present), the paper's epoch 160 of 200; here the switch is
-the share ``drw_start`` of each task's rounds (0.8 = the same share; 1.0 = LDAM without DRW).
+the share ``drw_start`` of each task's rounds (0.8 = the same share; 1.0 = LDAM without DRW). The official
+code also steps the learning rate down by 0.01 at that epoch (``adjust_learning_rate``); ``drw_lr_scale``
+(0.01) does the same to ``train.lr`` from the switch on. Without it the tail's large weights at the full
+rate made two of three digits runs collapse a class in the last rounds.
 
 The model's cosine classifier already outputs ``s * cos`` (``model.cosine_scale`` is s), so the margin
 enters as ``s * m_y``; the config requires ``model.classifier: cosine``.
@@ -47,11 +50,13 @@ def drw_active(round_in_task: int, rounds_per_task: int, start: float) -> bool:
 class LDAM(LocalObjective):
     class Options(CountsOptions):
         """``max_m``: largest margin (0.5); ``drw_start``: share of a task's rounds before re-weighting
-        (0.8; 1.0 = off); ``beta``: DRW's class-balanced beta (0.9999); ``counts``: whose counts."""
+        (0.8; 1.0 = off); ``beta``: DRW's class-balanced beta (0.9999); ``drw_lr_scale``: factor on the
+        learning rate once re-weighting (0.01, the official code); ``counts``: whose counts."""
 
         max_m: float = Field(0.5, gt=0.0, le=10.0)
         drw_start: float = Field(0.8, ge=0.0, le=1.0)
         beta: float = Field(0.9999, ge=0.0, lt=1.0)
+        drw_lr_scale: float = Field(0.01, gt=0.0, le=1.0)
 
     @classmethod
     def check_config(cls, cfg: FedtailConfig) -> str | None:
@@ -73,6 +78,9 @@ class LDAM(LocalObjective):
             if drw_active(round_in_task, rounds, self.options.drw_start)
             else None
         )
+
+    def lr_scale(self) -> float:
+        return 1.0 if self.weight is None else self.options.drw_lr_scale
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         shifted = logits - F.one_hot(y, logits.shape[1]) * self.margins[y][:, None]
