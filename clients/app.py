@@ -22,6 +22,7 @@ from clients.local import ClientData, LocalContext, load_client_data, retrain_cl
 from clients.state import persist_state
 from fedtail import protocol as P
 from fedtail.models import load_arrays, model_for, resolve_device, to_arrays
+from fedtail.registry import CONTINUAL
 from fedtail.staging import staged_meta
 
 STATE_KEY = "fedtail-client"
@@ -90,6 +91,7 @@ def train(msg: Message, context: Context) -> Message:
     if torch.get_num_threads() != cfg.engine.threads_per_client:
         torch.set_num_threads(cfg.engine.threads_per_client)
     received = msg.content[P.ARRAYS]
+    previous = msg.content.array_records.get(P.PREVIOUS_ARRAYS)
     model = _model(job, received)
     task = int(conf[P.TASK])
     task_classes = [int(c) for c in conf["task-classes"]]
@@ -106,6 +108,8 @@ def train(msg: Message, context: Context) -> Message:
         class_counts=data.class_counts(cfg.num_classes),
         model=model,
         global_model_fn=lambda: _fresh_model(job, received),
+        previous_model_fn=None if previous is None else lambda: _fresh_model(job, previous),
+        data=data,
         state=context.state,
         device=resolve_device(cfg.engine.device),
         options=dict(cfg.train.options),
@@ -116,6 +120,7 @@ def train(msg: Message, context: Context) -> Message:
     state["rounds-trained"] = int(state["rounds-trained"]) + 1
     if task not in list(state["tasks-seen"]):
         state["tasks-seen"] = [*state["tasks-seen"], task]
+    memory_samples, memory_bytes = CONTINUAL.get(cfg.continual.method).memory_footprint(ctx)
     content = RecordDict(
         {
             P.ARRAYS: to_arrays(ctx.model),
@@ -125,6 +130,8 @@ def train(msg: Message, context: Context) -> Message:
                     P.PARTITION_ID: pid,
                     "rounds-trained": int(state["rounds-trained"]),
                     "tasks-seen": list(state["tasks-seen"]),
+                    P.MEMORY_SAMPLES: memory_samples,
+                    P.MEMORY_BYTES: memory_bytes,
                 }
             ),
         }

@@ -49,15 +49,35 @@ class LocalContext:
     train_counts: np.ndarray | None = None
     """Per-class counts of this round's training labels (after the continual method's replay); set by
     `train_local` before the objective is built."""
+    data: ClientData | None = None
+    """All of this client's training samples, every task's (replay memories and Joint select from it)."""
+    previous_model_fn: Callable[[], nn.Module] | None = None
+    """Builds the global model as it was at the end of the previous task; the server sends it only to
+    continual methods that declare `ContinualMethod.uses_previous_model`, and only after task 0."""
 
     @functools.cached_property
     def global_model(self) -> nn.Module:
         """The received global model, frozen (eval mode, no gradients). Built on first use, so only the
         objectives and continual methods that look at it (proximal terms, distillation) pay for it."""
-        model = self.global_model_fn().eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model
+        return _frozen(self.global_model_fn())
+
+    @functools.cached_property
+    def previous_model(self) -> nn.Module:
+        """The global model at the end of the previous task, frozen: distillation's teacher, EWC's
+        anchor, herding's feature extractor. Built on first use."""
+        if self.previous_model_fn is None:
+            raise RuntimeError(
+                "no end-of-task model in this train message: the continual method must set "
+                "uses_previous_model = True (the server sends it from task 1 on)"
+            )
+        return _frozen(self.previous_model_fn())
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,11 @@ class ClientData:
     @property
     def nbytes(self) -> int:
         return self.x.nbytes + self.y.nbytes + self.x_unlabeled.nbytes
+
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes of one input sample (what a memory keeping it holds, besides its label)."""
+        return int(self.x.itemsize * np.prod(self.x.shape[1:], dtype=np.int64))
 
     def class_counts(self, num_classes: int) -> np.ndarray:
         return np.bincount(self.y, minlength=num_classes).astype(np.int64)
@@ -163,6 +188,19 @@ def epoch_order(y: torch.Tensor, sampler: str, generator: torch.Generator) -> to
     return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 
+HIDDEN_LOGIT = -1e9
+"""What the objective sees for a class the continual method hides from it: softmax gives it exactly 0 and
+no gradient reaches its logit, whatever shift (log prior, margin) the objective adds."""
+
+
+def _hidden_classes(classes: list[int] | None, num_classes: int, device: torch.device) -> torch.Tensor | None:
+    if classes is None:
+        return None
+    hidden = torch.ones(num_classes, dtype=torch.bool, device=device)
+    hidden[torch.as_tensor(classes, dtype=torch.int64, device=device)] = False
+    return hidden
+
+
 def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
     """Run ``train.epochs`` epochs of minibatch training; return (mean loss, real examples).
 
@@ -197,6 +235,8 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
     generator = torch.Generator().manual_seed(seed)
     bs = cfg.train.batch_size
     total, steps = 0.0, 0
+    hidden = _hidden_classes(method.objective_classes(), cfg.num_classes, ctx.device)
+    weight = method.objective_weight()
     model.train()
     for _ in range(cfg.train.epochs):
         order = epoch_order(labels, cfg.train.sampler, generator).to(ctx.device)
@@ -210,7 +250,10 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
                 xb = xt[real]
                 logits = torch.cat([model(xb), model.classifier(feats[syn])])
                 yb = torch.cat([yt[real], fy[syn]])
-            loss = objective.loss(logits, yb, xb)
+            seen_by_objective = logits if hidden is None else logits.masked_fill(hidden, HIDDEN_LOGIT)
+            loss = objective.loss(seen_by_objective, yb, xb)
+            if weight != 1.0:
+                loss = weight * loss
             extra = method.extra_loss(logits[: len(xb)], yb[: len(xb)], xb)
             if extra is not None:
                 loss = loss + extra

@@ -82,6 +82,33 @@ def task_accuracies(y_true: Any, y_pred: Any, tasks: Sequence[Sequence[int]]) ->
     return [float(np.mean(np.equal(*_restrict(t, p, task)))) for task in tasks]
 
 
+def old_new_accuracies(y_true: Any, y_pred: Any, tasks: Sequence[Sequence[int]]) -> dict[str, float]:
+    """Accuracy on the test samples of the newest task's classes and on those of every earlier task's
+    (NaN with one task): the two sides of class-incremental drift, weighted by samples (unlike the mean
+    of an accuracy-matrix row, which weights tasks equally)."""
+    t, p = _as_labels(y_true, y_pred)
+    old = [c for task in tasks[:-1] for c in task]
+    return {
+        "old_class_accuracy": float(np.mean(np.equal(*_restrict(t, p, old)))) if old else float("nan"),
+        "new_class_accuracy": float(np.mean(np.equal(*_restrict(t, p, tasks[-1])))),
+    }
+
+
+def task_forgetting(acc: Any) -> list[float]:
+    """Per-task forgetting after the last finished row of ``acc`` (rows after it may still be NaN):
+    for each earlier task ``j``, its best accuracy before that row minus its accuracy at it (Chaudhry et
+    al. 2018); NaN for the newest task and for tasks not trained yet. `forgetting` is their mean."""
+    a = np.asarray(acc, dtype=np.float64)
+    done = [i for i in range(a.shape[0]) if not np.isnan(a[i, i])]
+    out = [float("nan")] * a.shape[1]
+    if not done:
+        return out
+    last = done[-1]
+    for j in range(last):
+        out[j] = float(np.nanmax(a[j:last, j]) - a[last, j])
+    return out
+
+
 # ---- continual summaries over the accuracy matrix ------------------------------------------------
 def _check_matrix(acc: Any) -> np.ndarray:
     a = np.asarray(acc, dtype=np.float64)

@@ -80,6 +80,9 @@ METRICS: dict[str, bool] = {
     "average_incremental_accuracy": True,
     "final_average_accuracy": True,
     "forgetting": False,
+    "final_old_class_accuracy": True,
+    "final_new_class_accuracy": True,
+    "max_client_memory_bytes": False,
     "backward_transfer": True,
 }
 SEED = "seed"

@@ -30,11 +30,11 @@ from fedtail.config import FedtailConfig, check_paths, from_run_config, parse_ov
 from fedtail.metrics import class_groups
 from fedtail.models import model_for, reinit_classifier, resolve_device, to_arrays, to_state_dict
 from fedtail.partition import labeled_class_counts, load_schedule
-from fedtail.registry import ADJUSTMENTS, STRATEGIES
+from fedtail.registry import ADJUSTMENTS, CONTINUAL, STRATEGIES
 from fedtail.staging import load_staged, staged_meta
 from fedtail.tasks import TaskSchedule
 from server.evaluation import ADJUSTED_KEYS, Evaluator
-from server.recorder import IMBALANCE_COLUMNS, RunRecorder
+from server.recorder import CONTINUAL_COLUMNS, IMBALANCE_COLUMNS, RunRecorder
 from strategies.base import FedtailStrategy
 
 log = logging.getLogger("fedtail")
@@ -158,7 +158,7 @@ def evaluate_round(
         "balanced_accuracy": res["balanced_accuracy"],
         "macro_f1": res["macro_f1"],
         "num_seen_classes": len(seen),
-        **{k: res.get(k, nan) for k in IMBALANCE_COLUMNS},
+        **{k: res.get(k, nan) for k in (*IMBALANCE_COLUMNS, *CONTINUAL_COLUMNS)},
         **{f"adjusted_{k}": res[f"adjusted_{k}"] for k in ADJUSTED_KEYS if f"adjusted_{k}" in res},
         **recall,
         **precision,
@@ -214,10 +214,13 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
     shape = meta["input_shape"]
     rounds, n_tasks = cfg.federation.rounds_per_task, schedule.num_tasks
     stages = [(FL, rounds)] + ([(CRT, cfg.crt.rounds)] if cfg.crt.rounds else [])
+    method = CONTINUAL.get(cfg.continual.method)
 
     for t in range(recorder.tasks_done, n_tasks):
         seen = schedule.seen_classes(t)
         offset = 0  # rounds of this task before the stage
+        previous = recorder.task_arrays if method.uses_previous_model and t > 0 else None
+        strategy.extra_records = {} if previous is None else {P.PREVIOUS_ARRAYS: previous}
         for stage, stage_rounds in stages:
             done = recorder.rounds_done_in_task(t, stage)
             if done < stage_rounds:
@@ -251,8 +254,9 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
                 )
                 arrays = recorder.arrays if recorder.arrays is not None else result.arrays
             offset += stage_rounds
-        final = evaluator.evaluate(arrays, seen, schedule.tasks[: t + 1])
-        recorder.end_task(t, final["task_accuracies"])
+        old = [c for task in schedule.tasks[:t] for c in task]
+        arrays = method.end_task_on_server(arrays, old, list(schedule.tasks[t]))
+        recorder.end_task(t, evaluator.evaluate(arrays, seen, schedule.tasks[: t + 1]), arrays)
 
     last = schedule.num_tasks - 1
     final = evaluator.evaluate(arrays, schedule.seen_classes(last), schedule.tasks)

@@ -22,6 +22,7 @@ from fedtail.metrics import (
     expected_calibration_error,
     geometric_mean_recall,
     group_accuracies,
+    old_new_accuracies,
     ranking_metrics,
     task_accuracies,
 )
@@ -128,6 +129,7 @@ class Evaluator:
         y_pred, proba = self.predict(arrays, seen)
         out = self._scores(y_pred, proba, seen)
         out["task_accuracies"] = task_accuracies(self.y, y_pred, tasks)
+        out.update(old_new_accuracies(self.y, y_pred, tasks))
         if self.adjustment is not None:
             adjusted = self._scores(*self.predict(arrays, seen, adjusted=True), seen)
             out.update({f"adjusted_{k}": adjusted[k] for k in ADJUSTED_KEYS if k in adjusted})

@@ -16,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedtail import io
+from fedtail import protocol as P
 from fedtail.config import ConfigError, FedtailConfig
 from fedtail.metrics import (
     CLIENT_COLUMNS,
@@ -23,6 +24,7 @@ from fedtail.metrics import (
     backward_transfer,
     final_average_accuracy,
     forgetting,
+    task_forgetting,
 )
 from fedtail.models import to_state_dict
 from fedtail.tasks import TaskSchedule
@@ -38,7 +40,12 @@ IMBALANCE_COLUMNS = (
     "auprc",
     *CLIENT_COLUMNS,
 )
+CONTINUAL_COLUMNS = ("old_class_accuracy", "new_class_accuracy")
+"""Every round: accuracy on the earlier tasks' classes and on the current task's (`old_new_accuracies`)."""
+TASK_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", *IMBALANCE_COLUMNS[:7], *CONTINUAL_COLUMNS)
+"""What tasks.csv records of the end-of-task evaluation (the imbalance metrics per task)."""
 
+TASKS_FILE = "tasks.csv"
 CONFUSION_FILE = "confusion_matrix.csv"
 ADJUSTED_CONFUSION_FILE = "confusion_matrix_adjusted.csv"
 CHECKPOINT = "checkpoint.pt"
@@ -194,6 +201,8 @@ class RunRecorder:
         self.acc_matrix = np.full((t, t), np.nan)
         self.tasks_done = 0
         self.arrays: ArrayRecord | None = None
+        self.task_arrays: ArrayRecord | None = None  # the model at the end of the last finished task
+        self.task_rows: list[dict] = []  # tasks.csv: one row per finished task
         self.client_info: dict[int, dict] = {}
         self.client_states: dict[int, bytes] = {}
         self.resumed = False
@@ -211,6 +220,9 @@ class RunRecorder:
         self.acc_matrix = np.array(state["acc_matrix"], dtype=float)
         self.tasks_done = int(state["tasks_done"])
         self.arrays = None if state["arrays"] is None else ArrayRecord(state["arrays"])
+        task_arrays = state.get("task_arrays")
+        self.task_arrays = None if task_arrays is None else ArrayRecord(task_arrays)
+        self.task_rows = json_from_tensor(state["task_rows"]) if "task_rows" in state else []
         self.client_info = state["client_info"]
         self.client_states = state["client_states"]
 
@@ -231,11 +243,27 @@ class RunRecorder:
         self._checkpoint()
         self._write_rounds()
 
-    def end_task(self, task: int, accuracies: list[float]) -> None:
+    def end_task(self, task: int, result: dict, arrays: ArrayRecord) -> None:
+        """Record the end-of-task evaluation ``result`` (`Evaluator.evaluate` over the tasks so far) and
+        the model ``arrays`` the task ended with (the next task's `task_arrays`)."""
+        accuracies = result["task_accuracies"]
         self.acc_matrix[task, : len(accuracies)] = accuracies
         self.tasks_done = task + 1
+        self.arrays = self.task_arrays = arrays  # what the next task starts from (after any server step)
+        info = [i for i in self.client_info.values() if P.MEMORY_SAMPLES in i]
+        self.task_rows.append(
+            {
+                "task": task,
+                "classes": " ".join(str(c) for c in self.schedule.tasks[task]),
+                **{k: result.get(k, math.nan) for k in TASK_METRICS},
+                "memory_samples": sum(int(i[P.MEMORY_SAMPLES]) for i in info),
+                "memory_bytes": sum(int(i[P.MEMORY_BYTES]) for i in info),
+                "max_client_memory_bytes": max((int(i[P.MEMORY_BYTES]) for i in info), default=0),
+            }
+        )
         self._checkpoint()
         self._write_matrix()
+        self._write_tasks()
 
     def _checkpoint(self) -> None:
         state = {
@@ -245,6 +273,8 @@ class RunRecorder:
             "acc_matrix": [[None if math.isnan(v) else v for v in r] for r in self.acc_matrix.tolist()],
             "tasks_done": self.tasks_done,
             "arrays": None if self.arrays is None else to_state_dict(self.arrays),
+            "task_arrays": None if self.task_arrays is None else to_state_dict(self.task_arrays),
+            "task_rows": json_tensor(self.task_rows),
             "client_info": json_tensor(sorted(self.client_info.items())),
             "client_states": pack_states(self.client_states),
         }
@@ -273,6 +303,18 @@ class RunRecorder:
         ]
         io.write_text(self.run_dir / "accuracy_matrix.csv", csv_text(rows) if t else "after_task\n")
 
+    def _write_tasks(self) -> None:
+        """tasks.csv: per finished task, its classes, the end-of-task metrics (imbalance ones included,
+        over the classes seen by then), the clients' memory then, the task's accuracy now and its
+        forgetting so far (best earlier accuracy minus now; empty for the newest task)."""
+        now = self.acc_matrix[self.tasks_done - 1] if self.tasks_done else []
+        forgot = task_forgetting(self.acc_matrix)
+        rows = [
+            {**row, "accuracy_now": float(now[row["task"]]), "forgetting": forgot[row["task"]]}
+            for row in self.task_rows
+        ]
+        io.write_text(self.run_dir / TASKS_FILE, csv_text(rows))
+
     # ---- final outputs --------------------------------------------------------------------------
     def finish(self, state_dict: dict, final: dict | None = None) -> dict:
         """Write the final outputs; ``final`` is the evaluator's result for the final model over every
@@ -283,12 +325,13 @@ class RunRecorder:
             "final_accuracy": last["accuracy"],
             "final_balanced_accuracy": last["balanced_accuracy"],
             "final_macro_f1": last["macro_f1"],
-            **{f"final_{k}": _finite_or_none(last.get(k)) for k in IMBALANCE_COLUMNS},
+            **{f"final_{k}": _finite_or_none(last.get(k)) for k in (*IMBALANCE_COLUMNS, *CONTINUAL_COLUMNS)},
             **{f"final_{k}": _finite_or_none(v) for k, v in last.items() if k.startswith("adjusted_")},
             "average_incremental_accuracy": average_incremental_accuracy(a),
             "final_average_accuracy": final_average_accuracy(a),
             "forgetting": forgetting(a),
             "backward_transfer": backward_transfer(a),
+            "max_client_memory_bytes": max((r["max_client_memory_bytes"] for r in self.task_rows), default=0),
             "num_tasks": self.schedule.num_tasks,
             "rounds_per_task": self.cfg.federation.rounds_per_task,
             "num_clients": self.cfg.federation.num_clients,

@@ -135,6 +135,8 @@ class FedtailStrategy:
         self.last_train_loss = float("nan")
         self.last_counts = RoundCounts()
         self._reference: ArrayRecord | None = None
+        self.extra_records: dict[str, ArrayRecord] = {}
+        """Sent with every train message beside the global model (the end-of-task model)."""
         self.frozen_prefixes: tuple[str, ...] = ()
         """Arrays whose names start with one of these are kept as sent (a stage that freezes them, cRT's
         features): float averaging of identical copies could move them by an ulp."""
@@ -174,7 +176,9 @@ class FedtailStrategy:
         config[P.SERVER_ROUND] = server_round
         config[P.GLOBAL_ROUND] = gr
         self._reference = arrays
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        record = RecordDict(
+            {self.arrayrecord_key: arrays, self.configrecord_key: config, **self.extra_records}
+        )
         return self._construct_messages(record, [self.node_of_partition[p] for p in pids], MessageType.TRAIN)
 
     def aggregate_train(

@@ -6,11 +6,17 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 import fedtail  # noqa: F401  (applies the offline env defaults before Prefect/DVC/Flower import)
 from fedtail.config import FedtailConfig, load_config
+
+if TYPE_CHECKING:
+    import torch
+
+    from clients.local import LocalContext
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,3 +107,34 @@ def crashed_run(cfg: FedtailConfig, root: Path, crash_at: int) -> Path:
         pipeline.simulate(cfg, staged, parts, run_dir, on_round=crash)
     assert not (run_dir / "metrics.json").exists()
     return run_dir
+
+
+def local_context(cfg: FedtailConfig, model: torch.nn.Module, **fields) -> LocalContext:
+    """A `LocalContext` for one client's round outside a federation: task 0, round 1, all classes seen,
+    an empty state, ``model`` as the received global model; any field can be overridden."""
+    import copy
+
+    import numpy as np
+    import torch
+    from flwr.app import RecordDict
+
+    from clients.local import LocalContext
+    from fedtail.protocol import Job
+
+    frozen = copy.deepcopy(model)
+    classes = list(range(cfg.num_classes))
+    base = {
+        "job": Job(cfg, Path("."), Path(".")),
+        "partition_id": 0,
+        "task": 0,
+        "global_round": 1,
+        "task_classes": classes,
+        "seen_classes": classes,
+        "class_prior": np.full(cfg.num_classes, 1.0 / cfg.num_classes),
+        "class_counts": np.zeros(cfg.num_classes, dtype=np.int64),
+        "model": model,
+        "global_model_fn": lambda: frozen,
+        "state": RecordDict(),
+        "device": torch.device("cpu"),
+    }
+    return LocalContext(**{**base, **fields})

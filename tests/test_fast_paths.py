@@ -536,8 +536,9 @@ def test_accuracy_matrix_and_clients_files_equal_what_pandas_wrote(tmp_path: Pat
         dict(_row(1), accuracy=0.5, balanced_accuracy=0.5, macro_f1=0.5),
         to_arrays(build_model("mlp", (64,), 10, 4, 0)),
     )
-    recorder.end_task(0, [0.5])
-    recorder.end_task(1, [1 / 3, 0.25])
+    arrays = to_arrays(build_model("mlp", (64,), 10, 4, 0))
+    recorder.end_task(0, {"task_accuracies": [0.5]}, arrays)
+    recorder.end_task(1, {"task_accuracies": [1 / 3, 0.25]}, arrays)
     recorder.client_info.update(
         {
             3: {"partition-id": 3, "rounds-trained": 2, "tasks-seen": [0, 1], "lr": 0.1},

@@ -2,7 +2,9 @@
 
 A method hooks the client's local training at task boundaries and inside each step: it may add samples
 (replay memories), add a loss term (distillation, regularisation) and keep anything it needs across rounds
-and tasks in the client's persistent state (``ctx.state``, Flower's ``context.state``).
+and tasks in the client's persistent state (``ctx.state``, Flower's ``context.state``). It sees all of the
+client's data (``ctx.data``: exemplars are chosen from it) and, if it declares `uses_previous_model`, the
+global model as it was at the end of the previous task (``ctx.previous_model``), which the server sends.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from flwr.app import ArrayRecord
 
 from fedtail.registry import PluginOptions
 
@@ -25,6 +28,10 @@ class ContinualMethod:
     """
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
+    uses_previous_model: ClassVar[bool] = False
+    """True: from task 1 on, every train message carries the end-of-previous-task global model (one
+    model more per message), as ``ctx.previous_model``; the same teacher for every client, whichever
+    round of the task it is first sampled in."""
 
     def __init__(self, ctx: LocalContext) -> None:
         self.ctx = ctx
@@ -34,9 +41,33 @@ class ContinualMethod:
         """The samples to train on this round (replay methods append their memory)."""
         return x, y
 
+    def objective_weight(self) -> float:
+        """Factor on the objective's loss before `extra_loss` is added (WA's ``1 - lambda``). 1.0: none."""
+        return 1.0
+
+    def objective_classes(self) -> list[int] | None:
+        """The classes whose logits the objective's loss sees (the others are masked out of it, so it
+        neither raises nor lowers them); None: every class. Methods that model the new task as its own
+        head, as LwF and EWC do in class-incremental learning, return the current task's classes."""
+        return None
+
     def extra_loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """A term added to the objective's loss (distillation, EWC, ...); None for nothing."""
         return None
 
     def end_round(self) -> None:
         """Called after local training, with the trained model in ``ctx.model``."""
+
+    @classmethod
+    def end_task_on_server(cls, arrays: ArrayRecord, old: list[int], new: list[int]) -> ArrayRecord:
+        """The global model once a task's rounds are done, before it is evaluated and the next task
+        starts from it (WA's weight aligning). ``old``: classes of the earlier tasks; ``new``: the
+        task's. Runs on the server; the identity by default."""
+        return arrays
+
+    @classmethod
+    def memory_footprint(cls, ctx: LocalContext) -> tuple[int, int]:
+        """(samples, bytes) the client keeps for this method between rounds, read from ``ctx.state``
+        (and ``ctx.data``): exemplars, stored logits, Fisher matrices, model copies. Reported per client
+        (``clients.csv``) and summed per task (``tasks.csv``)."""
+        return 0, 0
