@@ -253,6 +253,15 @@ class TasksConfig(_Section):
     """Class-incremental schedule. ``classes_per_task = null`` means one task with all classes."""
 
     classes_per_task: int | None = Field(2, ge=1, description="Classes introduced by each task.")
+    first_task_classes: int | None = Field(
+        None,
+        ge=1,
+        description="Classes of the first task, the others then come classes_per_task at a time (B-half: "
+        "half the classes); null: the first task is like the others (B0).",
+    )
+    sizes: list[int] | None = Field(
+        None, description="Classes of each task, in order (uneven tasks; overrides the two fields above)."
+    )
     shuffle_classes: bool = Field(True, description="Seeded shuffle of the class order.")
 
 
@@ -446,14 +455,7 @@ class FedtailConfig(_Section):
                 or not all(0 <= c < spec.num_classes for c in kept)
             ):
                 raise ValueError(f"dataset.classes={kept} for {self.dataset.name!r}; allowed: {allowed}")
-        n_classes = self.num_classes
-        cpt = self.tasks.classes_per_task
-        if cpt is not None and (cpt > n_classes or n_classes % cpt):
-            divisors = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
-            raise ValueError(
-                f"tasks.classes_per_task={cpt} must divide the {n_classes} classes of "
-                f"{self.dataset.name!r}; allowed: {divisors} or null (one task)"
-            )
+        self.task_sizes  # noqa: B018 - raises, naming the tasks.* field, if the classes cannot be cut so
         n_train = spec.train_size(self.dataset)
         if self.federation.num_clients > n_train:
             raise ValueError(
@@ -491,9 +493,16 @@ class FedtailConfig(_Section):
         return len(kept) if kept is not None else DATASETS.get(self.dataset.name).num_classes
 
     @property
+    def task_sizes(self) -> list[int]:
+        """Classes introduced by each task (`fedtail.tasks.task_sizes`)."""
+        from fedtail.tasks import task_sizes
+
+        t = self.tasks
+        return task_sizes(self.num_classes, t.classes_per_task, t.first_task_classes, t.sizes)
+
+    @property
     def num_tasks(self) -> int:
-        cpt = self.tasks.classes_per_task
-        return 1 if cpt is None else self.num_classes // cpt
+        return len(self.task_sizes)
 
     @property
     def task_rounds(self) -> int:

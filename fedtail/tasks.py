@@ -6,7 +6,7 @@ server, the clients and the evaluation all read the same class order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -83,24 +83,63 @@ class TaskSchedule:
         return cls(tuple(order), tuple(tuple(task) for task in tasks))
 
 
-def make_schedule(num_classes: int, classes_per_task: int | None, shuffle: bool, seed: int) -> TaskSchedule:
-    """Seeded class order cut into tasks of ``classes_per_task`` (``None``: one task with every class)."""
+def task_sizes(
+    num_classes: int,
+    classes_per_task: int | None,
+    first_task_classes: int | None = None,
+    sizes: Sequence[int] | None = None,
+) -> list[int]:
+    """How many classes each task introduces, from the three ways to say it (PyCIL's ``init_cls`` /
+    ``increment``): ``sizes`` explicitly (uneven tasks); else a first task of ``first_task_classes``
+    (B-half: half the classes) followed by tasks of ``classes_per_task``; else equal tasks of
+    ``classes_per_task`` (B0; ``None``: one task). Raises ValueError naming the field and what it allows."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1; got {num_classes}")
-    cpt = num_classes if classes_per_task is None else classes_per_task
-    if cpt < 1 or cpt > num_classes or num_classes % cpt:
-        divisors = [d for d in range(1, num_classes + 1) if num_classes % d == 0]
+    if sizes is not None:
+        if first_task_classes is not None:
+            raise ValueError("tasks.sizes and tasks.first_task_classes both set; allowed: one of them")
+        if not sizes or min(sizes) < 1 or sum(sizes) != num_classes:
+            raise ValueError(
+                f"tasks.sizes={list(sizes)} must be positive class counts summing to the {num_classes} "
+                "classes; allowed: e.g. " + str([num_classes // 2, num_classes - num_classes // 2])
+            )
+        return [int(s) for s in sizes]
+    first = 0 if first_task_classes is None else first_task_classes
+    if not 0 <= first <= num_classes:
+        raise ValueError(f"tasks.first_task_classes={first_task_classes}; allowed: 1..{num_classes} or null")
+    rest = num_classes - first
+    if classes_per_task is None:
+        return [first, rest] if first and rest else [num_classes]
+    if classes_per_task < 1 or rest % classes_per_task or (not rest and not first):
+        divisors = [d for d in range(1, rest + 1) if rest % d == 0]
+        what = f"the {num_classes} classes" if not first else f"the {rest} classes after the first task"
         raise ValueError(
-            f"tasks.classes_per_task={classes_per_task} must divide the {num_classes} classes; "
-            f"allowed: {divisors} or null (one task)"
+            f"tasks.classes_per_task={classes_per_task} must divide {what}; allowed: {divisors} or null"
+            + (" (one task)" if not first else " (one task after the first)")
         )
+    return ([first] if first else []) + [classes_per_task] * (rest // classes_per_task)
+
+
+def make_schedule(
+    num_classes: int,
+    classes_per_task: int | None,
+    shuffle: bool,
+    seed: int,
+    first_task_classes: int | None = None,
+    sizes: Sequence[int] | None = None,
+) -> TaskSchedule:
+    """Seeded class order cut into consecutive tasks of `task_sizes`."""
+    cuts = np.cumsum([0, *task_sizes(num_classes, classes_per_task, first_task_classes, sizes)])
     rng = np.random.default_rng(seed)
     order = rng.permutation(num_classes) if shuffle else np.arange(num_classes)
     classes = tuple(int(c) for c in order)
-    tasks = tuple(classes[i : i + cpt] for i in range(0, num_classes, cpt))
+    tasks = tuple(classes[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True))
     return TaskSchedule(classes, tasks)
 
 
 def schedule_from_config(cfg: FedtailConfig) -> TaskSchedule:
     """The schedule a config describes: dataset class count, ``tasks.*`` and the run seed."""
-    return make_schedule(cfg.num_classes, cfg.tasks.classes_per_task, cfg.tasks.shuffle_classes, cfg.seed)
+    t = cfg.tasks
+    return make_schedule(
+        cfg.num_classes, t.classes_per_task, t.shuffle_classes, cfg.seed, t.first_task_classes, t.sizes
+    )

@@ -64,3 +64,33 @@ def test_schedule_from_config() -> None:
     cfg = build_config({"seed": 5, "tasks": {"classes_per_task": 5, "shuffle_classes": True}})
     assert schedule_from_config(cfg) == make_schedule(cfg.num_classes, 5, shuffle=True, seed=5)
     assert schedule_from_config(cfg).num_tasks == cfg.num_tasks
+
+
+def test_b_half_and_uneven_schedules() -> None:
+    from fedtail.tasks import task_sizes
+
+    assert task_sizes(10, 2) == [2, 2, 2, 2, 2]  # B0
+    assert task_sizes(10, 1, first_task_classes=5) == [5, 1, 1, 1, 1, 1]  # B-half (B5 Inc1)
+    assert task_sizes(10, None, first_task_classes=4) == [4, 6]
+    assert task_sizes(10, 2, sizes=[3, 1, 6]) == [3, 1, 6]
+    schedule = make_schedule(10, 1, shuffle=True, seed=3, first_task_classes=5)
+    assert [len(t) for t in schedule.tasks] == [5, 1, 1, 1, 1, 1]
+    assert sorted(schedule.class_order) == list(range(10))
+    assert make_schedule(10, 2, True, 3).class_order == schedule.class_order  # same seeded order
+
+
+@pytest.mark.parametrize(
+    ("cpt", "first", "sizes", "message"),
+    [
+        (3, None, None, r"tasks.classes_per_task=3 must divide the 10 classes; allowed: \[1, 2, 5, 10\]"),
+        (2, 5, None, r"must divide the 5 classes after the first task; allowed: \[1, 5\]"),
+        (2, 11, None, r"tasks.first_task_classes=11; allowed: 1..10"),
+        (2, None, [5, 4], r"tasks.sizes=\[5, 4\] must be positive class counts summing to the 10"),
+        (2, 5, [5, 5], "tasks.sizes and tasks.first_task_classes both set"),
+    ],
+)
+def test_bad_schedules_name_the_field(cpt, first, sizes, message: str) -> None:
+    from fedtail.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=message):
+        build_config({"tasks": {"classes_per_task": cpt, "first_task_classes": first, "sizes": sizes}})
