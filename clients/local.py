@@ -59,7 +59,7 @@ class LocalContext:
     def global_model(self) -> nn.Module:
         """The received global model, frozen (eval mode, no gradients). Built on first use, so only the
         objectives and continual methods that look at it (proximal terms, distillation) pay for it."""
-        return _frozen(self.global_model_fn())
+        return _frozen(self.global_model_fn().to(self.device))
 
     @functools.cached_property
     def previous_model(self) -> nn.Module:
@@ -70,7 +70,7 @@ class LocalContext:
                 "no end-of-task model in this train message: the continual method must set "
                 "uses_previous_model = True (the server sends it from task 1 on)"
             )
-        return _frozen(self.previous_model_fn())
+        return _frozen(self.previous_model_fn().to(self.device))
 
 
 def _frozen(model: nn.Module) -> nn.Module:

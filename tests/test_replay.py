@@ -109,14 +109,15 @@ def test_a_class_the_client_never_held_takes_no_budget() -> None:
 
 def test_replay_trains_on_new_samples_and_exemplars() -> None:
     data = _data({0: 30, 1: 30, 2: 30, 3: 30})
-    ctx = _ctx(data, task_classes=[2, 3], seen=[0, 1, 2, 3], memory_size=8)
+    ctx = _ctx(data, task_classes=[2, 3], seen=[0, 1, 2, 3], memory_size=10)
     x, y = data.for_classes([2, 3])
     method = Replay(ctx)
     xt, yt = method.training_data(torch.from_numpy(x), torch.from_numpy(y))
-    assert len(yt) == len(y) + 8
+    assert len(yt) == len(y) + 10
+    assert method.objective_classes() == [0, 1, 2, 3]  # a grown head: no loss on classes to come
     assert sorted(set(yt[len(y) :].tolist())) == [0, 1]
     samples, nbytes = Replay.memory_footprint(ctx)
-    assert samples == 8 and nbytes == 8 * (4 * 4 + 8)
+    assert samples == 10 and nbytes == 10 * (4 * 4 + 8)
 
 
 def test_joint_trains_on_every_seen_class() -> None:
@@ -130,10 +131,13 @@ def test_joint_trains_on_every_seen_class() -> None:
     assert Joint.memory_footprint(ctx)[0] == 11
 
 
-@pytest.mark.parametrize("options", [{"memory_size": 0}, {"selection": "best"}, {"size": 10}])
-def test_bad_replay_options_are_refused(options: dict) -> None:
+@pytest.mark.parametrize(
+    "options", [{"memory_size": 0}, {"memory_size": 9}, {"selection": "best"}, {"size": 10}]
+)
+@pytest.mark.parametrize("method", ["replay", "wa"])
+def test_bad_replay_options_are_refused(method: str, options: dict) -> None:
     with pytest.raises(ConfigError, match="continual.options"):
-        build_config({"continual": {"method": "replay", "options": options}})
+        build_config({"continual": {"method": method, "options": options}})
 
 
 def test_replay_and_joint_forget_less_than_finetune(project: Path) -> None:

@@ -46,7 +46,7 @@ def test_wa_weighs_ce_and_distillation_by_the_share_of_old_classes() -> None:
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(6), 5)
     data = ClientData(rng.normal(size=(30, 4)).astype(np.float32), y, np.zeros((0, 4), np.float32))
-    cfg = build_config({"continual": {"method": "wa", "options": {"memory_size": 6}}})
+    cfg = build_config({"continual": {"method": "wa", "options": {"memory_size": 10}}})
     teacher = build_model("mlp", (4,), 10, 8, 1)
     ctx = local_context(
         cfg,

@@ -5,13 +5,14 @@ After a task, the classifier's rows of the new classes have larger norms than th
 classes had all their data, the old ones only exemplars), which biases predictions towards them. WA
 rescales the new classes' weight vectors so that their mean norm equals the old classes':
 ``W_new <- gamma W_new``, ``gamma = mean_old ||w_i|| / mean_new ||w_j||`` (eq. 6-7); biases are left as
-they are (as PyCIL's implementation does). Training keeps discrimination with an exemplar memory and
+they are (as PyCIL's implementation does). The paper's weight clipping of the classifier is left out,
+as in PyCIL's ``wa.py``. Training keeps discrimination with an exemplar memory and
 knowledge distillation from the previous model, ``L = (1 - lambda) L_CE + lambda L_KD``, ``lambda =
 C_old / C_seen`` (eq. 4; T 2), as in PyCIL's ``wa.py``.
 
 Federated: the clients replay their memory (`clients.continual.replay`: class-balanced, herding) and
 distil from the end-of-previous-task global model; the server aligns the aggregated global model once a
-task's rounds are done (`align_on_server`), so the aligned model is what is evaluated and what the next
+task's rounds are done (`end_task_on_server`), so the aligned model is what is evaluated and what the next
 task starts from and distils from.
 """
 
@@ -56,6 +57,8 @@ class WeightAligning(Replay):
 
     @classmethod
     def check_config(cls, cfg: FedtailConfig) -> str | None:
+        if (problem := super().check_config(cfg)) is not None:
+            return problem
         if cfg.model.classifier != "linear":
             return (
                 "continual.method='wa' aligns the norms of a linear classifier's rows; with "
