@@ -27,7 +27,22 @@ PLOT_FILES = {
     "accuracy_matrix": "accuracy_matrix.png",
     "partition": "partition.png",
     "confusion_matrix": "confusion_matrix.png",
+    "old_new": "old_new_accuracy.png",
 }
+TASK_COLUMNS = (
+    ("task", "task"),
+    ("classes", "classes"),
+    ("accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced acc."),
+    ("old_class_accuracy", "old classes"),
+    ("new_class_accuracy", "new classes"),
+    ("tail_accuracy", "tail acc."),
+    ("accuracy_now", "task's accuracy now"),
+    ("forgetting", "forgetting"),
+    ("memory_samples", "memory (samples)"),
+    ("max_client_memory_bytes", "largest client memory (bytes)"),
+)
+"""tasks.csv columns the report shows (of those a run has), with their headers."""
 CONFUSION_FILES = {"plain": "confusion_matrix.csv", "adjusted": "confusion_matrix_adjusted.csv"}
 RECALL_PREFIX = "recall_"
 
@@ -55,6 +70,11 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
 def read_accuracy_matrix(run_dir: Path) -> pd.DataFrame | None:
     path = Path(run_dir) / "accuracy_matrix.csv"
     return pd.read_csv(path, index_col="after_task") if path.is_file() else None
+
+
+def read_tasks(run_dir: Path) -> pd.DataFrame | None:
+    path = Path(run_dir) / "tasks.csv"
+    return pd.read_csv(path) if path.is_file() else None
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -261,6 +281,16 @@ def summary_markdown(run_dir: Path) -> str:
                 [[f"task_{i}", *row] for i, row in zip(matrix.index, matrix.to_numpy(), strict=True)],
             ),
         ]
+    tasks = read_tasks(run_dir)
+    if tasks is not None and len(tasks) > 1:
+        shown = [(c, h) for c, h in TASK_COLUMNS if c in tasks.columns]
+        parts += [
+            "## Tasks",
+            "Each task at its end (accuracy over the classes seen by then; old / new: the earlier tasks' "
+            "classes vs its own), its accuracy and forgetting after the last task, and the memory the "
+            "clients kept for the continual method.",
+            _table([h for _, h in shown], tasks[[c for c, _ in shown]].to_numpy().tolist()),
+        ]
     parts += client_updates_markdown(rounds)
     last = rounds.iloc[-1:].to_dict("records")[0]  # keeps each column's dtype (ints stay ints)
     main = [(c, v) for c, v in last.items() if not c.startswith(RECALL_PREFIX)]
@@ -291,13 +321,25 @@ def _save(fig: Any, path: Path) -> Path:
 
 def plot_accuracy_curve(rounds: pd.DataFrame, schedule: list[list[int]] | None, path: Path) -> Path:
     """Balanced vs plain accuracy per global round; dashed lines mark where a new task starts."""
+    series = [("balanced_accuracy", "balanced accuracy", "o"), ("accuracy", "accuracy", "s")]
+    return plot_round_curves(rounds, schedule, path, series, "Accuracy on the classes seen so far")
+
+
+def plot_round_curves(
+    rounds: pd.DataFrame,
+    schedule: list[list[int]] | None,
+    path: Path,
+    series: list[tuple[str, str, str]],
+    title: str,
+) -> Path:
+    """``(column, label, marker)`` curves per global round; dashed lines mark where a new task starts."""
     from matplotlib.ticker import MaxNLocator
 
     fig = _figure(8.0, 4.2)
     ax = fig.add_subplot()
     x = rounds["global_round"].to_numpy()
-    ax.plot(x, rounds["balanced_accuracy"], marker="o", ms=3, label="balanced accuracy")
-    ax.plot(x, rounds["accuracy"], marker="s", ms=3, alpha=0.7, label="accuracy")
+    for i, (column, label, marker) in enumerate(series):
+        ax.plot(x, rounds[column], marker=marker, ms=3, alpha=1.0 if i == 0 else 0.7, label=label)
     ax.set_xlim(x.min() - 0.5, x.max() + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("global round")
@@ -313,7 +355,7 @@ def plot_accuracy_curve(rounds: pd.DataFrame, schedule: list[list[int]] | None, 
             label += "\n" + ",".join(map(str, schedule[task]))
         ax.text((lo + hi) / 2, 1.13, label, ha="center", va="top", fontsize=8, color="dimgrey")
     ax.legend(loc="lower left", fontsize=8)
-    ax.set_title("Accuracy on the classes seen so far")
+    ax.set_title(title)
     return _save(fig, path)
 
 
@@ -426,6 +468,12 @@ def write_plots(run_dir: Path) -> dict[str, Path]:
     matrix = read_accuracy_matrix(run_dir)
     if matrix is not None:
         written["accuracy_matrix"] = plot_accuracy_matrix(matrix, out / PLOT_FILES["accuracy_matrix"])
+    if "old_class_accuracy" in rounds.columns and rounds["task"].nunique() > 1:
+        series = [("old_class_accuracy", "old classes", "o"), ("new_class_accuracy", "new classes", "s")]
+        title = "Accuracy on the earlier tasks' classes and on the current task's"
+        written["old_new"] = plot_round_curves(
+            rounds, read_schedule(run_dir), out / PLOT_FILES["old_new"], series, title
+        )
     confusions = read_confusions(run_dir)
     if confusions:
         written["confusion_matrix"] = plot_confusion(confusions, out / PLOT_FILES["confusion_matrix"])
@@ -446,6 +494,7 @@ def write_report(run_dir: Path) -> Path:
         "accuracy_matrix": "Accuracy matrix",
         "partition": "Client x class partition",
         "confusion_matrix": "Confusion matrix of the final model",
+        "old_new": "Old-class vs new-class accuracy per round",
     }
     figures = [
         f"### {captions[name]}\n\n![{captions[name]}]({path.relative_to(run_dir).as_posix()})"

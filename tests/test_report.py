@@ -53,6 +53,8 @@ def make_run(
                 "balanced_accuracy": float(rng.uniform(0.3, 0.9)),
                 "macro_f1": float(rng.uniform(0.3, 0.9)),
                 "num_seen_classes": len(seen),
+                "old_class_accuracy": float(rng.uniform(0.0, 0.5)) if t else math.nan,
+                "new_class_accuracy": float(rng.uniform(0.5, 1.0)),
             }
             for c in range(n_classes):
                 row[f"recall_{c}"] = float(rng.uniform(0, 1)) if c in seen else math.nan
@@ -65,6 +67,20 @@ def make_run(
     matrix = pd.DataFrame(acc, columns=[f"task_{j}" for j in range(n_tasks)])
     matrix.index.name = "after_task"
     matrix.to_csv(run_dir / "accuracy_matrix.csv", float_format="%.6f")
+    task_rows = [
+        {
+            "task": t,
+            "classes": " ".join(map(str, tasks[t])),
+            "accuracy": acc[t, : t + 1].mean(),
+            "old_class_accuracy": acc[t, :t].mean() if t else math.nan,
+            "new_class_accuracy": acc[t, t],
+            "accuracy_now": acc[-1, t],
+            "forgetting": acc[t:-1, t].max() - acc[-1, t] if t < n_tasks - 1 else math.nan,
+            "memory_samples": 40 * t,
+        }
+        for t in range(n_tasks)
+    ]
+    pd.DataFrame(task_rows).to_csv(run_dir / "tasks.csv", index=False, float_format="%.6f")
 
     counts = rng.integers(0, 60, size=(3, n_classes))
     stats = pd.DataFrame(
@@ -141,6 +157,8 @@ def test_report_three_tasks(tmp_path: Path) -> None:
     for name in PLOT_FILES.values():
         assert f"](plots/{name})" in text
     assert "| task_2 |" in text  # accuracy matrix table, last row
+    tasks_table = text.split("## Tasks")[1].split("##")[0]
+    assert "| 2 | 8 6 7 |" in tasks_table and "memory (samples)" in tasks_table
     assert "simulate_seconds" not in text  # wall time would make the report irreproducible
     assert not list(run_dir.rglob("*.tmp"))  # atomic writes left no temp files
 
@@ -155,6 +173,7 @@ def test_report_single_task_no_partition_heatmap(tmp_path: Path) -> None:
     assert not (run_dir / "plots" / PLOT_FILES["partition"]).exists()
     assert "partition.png" not in text
     assert "forgetting | –" in text  # NaN shown as a dash, not 'nan'
+    assert "## Tasks" not in text and not (run_dir / "plots" / PLOT_FILES["old_new"]).exists()
 
 
 def test_summary_markdown_and_totals(tmp_path: Path) -> None:
