@@ -320,6 +320,8 @@ class RunRecorder:
         """Write the final outputs; ``final`` is the evaluator's result for the final model over every
         seen class (its confusion matrices and per-client accuracies are written beside the metrics)."""
         last = self.rows[-1]
+        if final is not None:  # the final model's own scores: a server step after the last round counts
+            last = {**last, **{k: v for k, v in final.items() if isinstance(v, float)}}
         a = self.acc_matrix
         metrics = {
             "final_accuracy": last["accuracy"],

@@ -142,3 +142,20 @@ def test_lwf_term_uses_the_previous_models_old_class_logits() -> None:
     torch.testing.assert_close(got, want)
     first = _ctx("lwf", data, [0, 1], [0, 1], teacher)
     assert LwF(first).extra_loss(logits, torch.zeros(5), x) is None
+
+
+def test_ewc_caps_the_stiffness_at_what_sgd_can_follow() -> None:
+    """lr * lam * F above 2 (1 + momentum) diverges; the penalty's stiffness stops at half of that."""
+    data = _data({0: 10, 1: 10, 2: 10, 3: 10})
+    teacher = build_model("mlp", (4,), 10, 8, 0)
+    ctx = _ctx("ewc", data, [2, 3], [0, 1, 2, 3], teacher, lam=1e6)
+    method = EWC(ctx)
+    t = ctx.job.config.train
+    cap = (1 + t.momentum) / (t.lr * 1e6)
+    x, y = data.for_classes([0, 1])
+    raw = empirical_fisher(teacher, torch.from_numpy(x), torch.from_numpy(y), [0, 1])
+    for k in raw:
+        torch.testing.assert_close(method.fisher[k], raw[k].clamp(max=cap))
+        assert (raw[k] > cap).any() or k.endswith("bias")
+        star = dict(teacher.named_parameters())[k].detach()
+        torch.testing.assert_close(method.anchor[k][raw[k] > 0], star[raw[k] > 0])  # anchors unchanged

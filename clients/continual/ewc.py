@@ -13,9 +13,13 @@ the client keeps exactly the paper's gradient with two model-sized arrays, whate
 Federated: when a client first trains in a new task, it consolidates the old classes it holds and has not
 consolidated yet, at the end-of-previous-task global model the server sends (`uses_previous_model`), on
 its own samples of those classes; the Fisher and the weighted anchors stay in its persistent state.
-lambda's default is 100. FACIL's 5,000 (Masana et al., TPAMI 2022) goes with a Fisher of batch-mean
-gradients, about a batch size smaller than this per-sample one: with it, SGD at ``train.lr`` 0.05 diverges
-(the penalty's curvature ``lambda F`` passes the step's stability limit) on Split-digits.
+
+The penalty's gradient ``lambda F_i (theta_i - a_i)`` is a spring of stiffness ``lambda F_i``; SGD with
+learning rate ``eta`` and momentum ``mu`` follows it only while ``eta lambda F_i < 2 (1 + mu)``; beyond
+that the weights oscillate and blow up (seen on Split-digits with one client). So with SGD the stiffness
+is capped at half that limit, ``(1 + mu) / eta``: the paper's penalty wherever the optimiser can follow
+it, the stiffest it can follow elsewhere. lambda's default is 100; FACIL's 5,000 (Masana et al., TPAMI
+2022) goes with a Fisher of batch-mean gradients, about a batch size smaller than this per-sample one.
 """
 
 from __future__ import annotations
@@ -122,6 +126,10 @@ class EWC(ContinualMethod):
         anchor = {
             k: torch.where(fisher[k] > 0, weighted[k] / fisher[k].clamp_min(1e-30), 0.0) for k in fisher
         }
+        t = ctx.job.config.train
+        if t.optimizer == "sgd" and self.options.lam > 0:  # the stiffness SGD can follow (docstring)
+            cap = (1.0 + t.momentum) / (t.lr * self.options.lam)
+            fisher = {k: v.clamp(max=cap) for k, v in fisher.items()}
         dev = ctx.device
         return {k: v.to(dev) for k, v in fisher.items()}, {k: v.to(dev) for k, v in anchor.items()}
 
