@@ -250,6 +250,7 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
                 xb = xt[real]
                 logits = torch.cat([model(xb), model.classifier(feats[syn])])
                 yb = torch.cat([yt[real], fy[syn]])
+                batch = real
             seen_by_objective = logits if hidden is None else logits.masked_fill(hidden, HIDDEN_LOGIT)
             loss = objective.loss(seen_by_objective, yb, xb)
             if weight != 1.0:
@@ -260,6 +261,7 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            method.after_step(logits[: len(xb)].detach(), yb[: len(xb)], batch)
             total += float(loss.detach())
             steps += 1
     objective.end()

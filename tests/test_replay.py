@@ -149,7 +149,9 @@ def test_replay_and_joint_forget_less_than_finetune(project: Path) -> None:
     assert replay["forgetting"] < fine["forgetting"]
 
 
-@pytest.mark.parametrize(("method", "crash_at"), [("replay", 3), ("ewc", 2), ("wa", 2), ("lwf", 3)])
+@pytest.mark.parametrize(
+    ("method", "crash_at"), [("replay", 3), ("ewc", 2), ("wa", 2), ("lwf", 3), ("derpp", 3)]
+)
 def test_a_crashed_continual_run_resumes_to_the_same_result(
     project: Path, method: str, crash_at: int
 ) -> None:

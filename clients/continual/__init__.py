@@ -55,6 +55,10 @@ class ContinualMethod:
         """A term added to the objective's loss (distillation, EWC, ...); None for nothing."""
         return None
 
+    def after_step(self, logits: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> None:
+        """After each optimiser step, with the step's logits (detached, from before the step), labels and
+        the samples' positions in what `training_data` returned (DER's reservoir stores them)."""
+
     def end_round(self) -> None:
         """Called after local training, with the trained model in ``ctx.model``."""
 
