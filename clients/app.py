@@ -37,6 +37,23 @@ def _job_and_data(msg: Message, context: Context) -> tuple[P.Job, int, ClientDat
     return job, pid, data
 
 
+@functools.lru_cache(maxsize=4)
+def _arrival(job_json: str) -> tuple[np.ndarray, tuple[tuple[int, ...], ...]]:
+    """Who takes part in which task, and the tasks' classes (per-client arrival; pure in the config)."""
+    from fedtail.tasks import schedule_from_config
+
+    cfg = P.parse_job(job_json).config
+    return cfg.participation(), schedule_from_config(cfg).tasks
+
+
+def held_classes(job_json: str, cfg, pid: int, task: int) -> list[int] | None:
+    """Classes of the tasks up to ``task`` that client ``pid`` took part in; None without arrival."""
+    if not (cfg.tasks.late_join_fraction or cfg.tasks.skip_fraction):
+        return None
+    present, tasks = _arrival(job_json)
+    return sorted(c for k in range(task + 1) if present[pid, k] for c in tasks[k])
+
+
 @functools.lru_cache(maxsize=8)
 def _input_shape(staged_dir: str) -> tuple[int, ...]:
     return tuple(staged_meta(Path(staged_dir))["input_shape"])
@@ -109,6 +126,7 @@ def train(msg: Message, context: Context) -> Message:
         model=model,
         global_model_fn=lambda: _fresh_model(job, received),
         previous_model_fn=None if previous is None else lambda: _fresh_model(job, previous),
+        held_classes=held_classes(str(conf[P.JOB]), cfg, pid, task),
         data=data,
         state=context.state,
         device=resolve_device(cfg.engine.device),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +51,19 @@ class LocalContext:
     `train_local` before the objective is built."""
     data: ClientData | None = None
     """All of this client's training samples, every task's (replay memories and Joint select from it)."""
+    held_classes: list[int] | None = None
+    """Classes of the tasks this client took part in so far (per-client arrival); None: every seen class.
+    A client absent from a task never received that task's data, so its memory may not hold it."""
     previous_model_fn: Callable[[], nn.Module] | None = None
     """Builds the global model as it was at the end of the previous task; the server sends it only to
     continual methods that declare `ContinualMethod.uses_previous_model`, and only after task 0."""
+
+    def received(self, classes: Sequence[int]) -> list[int]:
+        """Those of ``classes`` whose data this client received (`held_classes`)."""
+        if self.held_classes is None:
+            return list(classes)
+        held = set(self.held_classes)
+        return [c for c in classes if c in held]
 
     @functools.cached_property
     def global_model(self) -> nn.Module:

@@ -16,7 +16,7 @@ import re
 import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -43,6 +43,9 @@ from fedtail.registry import (
     Registry,
     check_options,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_CONFIG_FILE = "params.yaml"
 
@@ -263,6 +266,12 @@ class TasksConfig(_Section):
         None, description="Classes of each task, in order (uneven tasks; overrides the two fields above)."
     )
     shuffle_classes: bool = Field(True, description="Seeded shuffle of the class order.")
+    late_join_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of clients that join at a later task (drawn 1..T-1)."
+    )
+    skip_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Chance that a client misses each task after the one it joined in."
+    )
 
 
 class FederationConfig(_Section):
@@ -503,6 +512,15 @@ class FedtailConfig(_Section):
     @property
     def num_tasks(self) -> int:
         return len(self.task_sizes)
+
+    def participation(self) -> np.ndarray:
+        """Clients x tasks: who takes part in which task (`fedtail.tasks.client_participation`)."""
+        from fedtail.tasks import client_participation
+
+        t = self.tasks
+        return client_participation(
+            self.federation.num_clients, self.num_tasks, t.late_join_fraction, t.skip_fraction, self.seed
+        )
 
     @property
     def task_rounds(self) -> int:

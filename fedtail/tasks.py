@@ -137,6 +137,29 @@ def make_schedule(
     return TaskSchedule(classes, tasks)
 
 
+def client_participation(
+    num_clients: int, num_tasks: int, late_join_fraction: float, skip_fraction: float, seed: int
+) -> np.ndarray:
+    """Which client takes part in which task (clients x tasks, bool), seeded: a ``late_join_fraction`` of
+    the clients joins at a task drawn uniformly from 1..T-1 instead of task 0, and after joining each
+    client misses each later task with probability ``skip_fraction``. A client that is absent from a task
+    neither trains in it nor receives that task's data. Every task keeps at least one client (if a draw
+    leaves one empty, its lowest-drawn client is put back)."""
+    rng = np.random.default_rng([seed, 0xA7, num_clients, num_tasks])
+    first = np.zeros(num_clients, dtype=np.int64)
+    if num_tasks > 1:
+        late = rng.random(num_clients) < late_join_fraction
+        first[late] = rng.integers(1, num_tasks, size=int(late.sum()))
+    tasks = np.arange(num_tasks)
+    present = tasks[None, :] >= first[:, None]
+    skipped = rng.random((num_clients, num_tasks)) < skip_fraction
+    present &= ~(skipped & (tasks[None, :] > first[:, None]))
+    order = rng.permutation(num_clients)
+    for t in np.flatnonzero(~present.any(axis=0)):
+        present[order[0], t] = True
+    return present
+
+
 def schedule_from_config(cfg: FedtailConfig) -> TaskSchedule:
     """The schedule a config describes: dataset class count, ``tasks.*`` and the run seed."""
     t = cfg.tasks

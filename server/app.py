@@ -215,12 +215,15 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
     rounds, n_tasks = cfg.federation.rounds_per_task, schedule.num_tasks
     stages = [(FL, rounds)] + ([(CRT, cfg.crt.rounds)] if cfg.crt.rounds else [])
     method = CONTINUAL.get(cfg.continual.method)
+    t_cfg = cfg.tasks
+    participation = cfg.participation() if t_cfg.late_join_fraction or t_cfg.skip_fraction else None
 
     for t in range(recorder.tasks_done, n_tasks):
         seen = schedule.seen_classes(t)
         offset = 0  # rounds of this task before the stage
         previous = recorder.task_arrays if method.uses_previous_model and t > 0 else None
         strategy.extra_records = {} if previous is None else {P.PREVIOUS_ARRAYS: previous}
+        strategy.present = None if participation is None else np.flatnonzero(participation[:, t]).tolist()
         for stage, stage_rounds in stages:
             done = recorder.rounds_done_in_task(t, stage)
             if done < stage_rounds:

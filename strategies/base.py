@@ -43,12 +43,22 @@ class RoundCounts(NamedTuple):
 
 
 def sample_partitions(
-    num_clients: int, fraction: float, minimum: int, seed: int, global_round: int
+    num_clients: int,
+    fraction: float,
+    minimum: int,
+    seed: int,
+    global_round: int,
+    present: list[int] | None = None,
 ) -> list[int]:
-    """Seeded choice of ``max(floor(fraction * n), minimum)`` partition ids for one round."""
-    k = min(num_clients, max(int(num_clients * fraction), minimum))
+    """Seeded choice of ``max(floor(fraction * n), minimum)`` partition ids for one round, among the
+    ``present`` ones (the clients taking part in the task; None: all ``num_clients``), n their count."""
+    if present is None:
+        k = min(num_clients, max(int(num_clients * fraction), minimum))
+        rng = np.random.default_rng([seed, 0x5A4D, global_round])
+        return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
+    k = min(len(present), max(int(len(present) * fraction), minimum))
     rng = np.random.default_rng([seed, 0x5A4D, global_round])
-    return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
+    return sorted(int(present[i]) for i in rng.choice(len(present), size=k, replace=False))
 
 
 Decoded = dict[str, np.ndarray]
@@ -135,6 +145,8 @@ class FedtailStrategy:
         self.last_train_loss = float("nan")
         self.last_counts = RoundCounts()
         self._reference: ArrayRecord | None = None
+        self.present: list[int] | None = None
+        """The partition ids taking part in the current task (per-client arrival); None: every one."""
         self.extra_records: dict[str, ArrayRecord] = {}
         """Sent with every train message beside the global model (the end-of-task model)."""
         self.frozen_prefixes: tuple[str, ...] = ()
@@ -170,7 +182,7 @@ class FedtailStrategy:
         fed = self.cfg.federation
         gr = self.global_round(server_round)
         pids = sample_partitions(
-            fed.num_clients, fed.fraction_train, fed.min_train_clients, self.cfg.seed, gr
+            fed.num_clients, fed.fraction_train, fed.min_train_clients, self.cfg.seed, gr, self.present
         )
         self.last_sampled = pids
         config[P.SERVER_ROUND] = server_round

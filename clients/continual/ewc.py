@@ -98,7 +98,7 @@ class EWC(ContinualMethod):
         ctx, state = self.ctx, self.ctx.state
         done = [int(c) for c in state[CLASSES_KEY]["classes"]] if CLASSES_KEY in state else []
         old = sorted(set(ctx.seen_classes) - set(ctx.task_classes))
-        todo = [c for c in old if c not in done]
+        todo = [c for c in ctx.received(old) if c not in done]
         fisher = weighted = None
         if FISHER_KEY in state:
             fisher = {k: torch.from_numpy(array_to_numpy(a).copy()) for k, a in state[FISHER_KEY].items()}

@@ -20,7 +20,7 @@ class Joint(ContinualMethod):
         """Joint training has no settings: ``continual.options`` must be empty."""
 
     def training_data(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = self.ctx.data.for_classes(self.ctx.seen_classes)
+        xs, ys = self.ctx.data.for_classes(self.ctx.received(self.ctx.seen_classes))
         return torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(ys)
 
     def objective_classes(self) -> list[int]:
@@ -30,6 +30,6 @@ class Joint(ContinualMethod):
     @classmethod
     def memory_footprint(cls, ctx) -> tuple[int, int]:
         """Every sample of the old classes: Joint keeps all of them."""
-        old = sorted(set(ctx.seen_classes) - set(ctx.task_classes))
+        old = ctx.received(sorted(set(ctx.seen_classes) - set(ctx.task_classes)))
         n = int(np.isin(ctx.data.y, old).sum())
         return n, n * (ctx.data.sample_bytes + 8)

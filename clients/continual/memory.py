@@ -139,7 +139,7 @@ def update_memory(ctx: LocalContext, memory_size: int, selection: str) -> tuple[
 
     memory = Memory.load(ctx.state)
     data = ctx.data
-    old = sorted(set(ctx.seen_classes) - set(ctx.task_classes))
+    old = ctx.received(sorted(set(ctx.seen_classes) - set(ctx.task_classes)))
     held = set(np.unique(data.y).tolist())
     new = [c for c in old if c in held and c not in set(memory.classes)]
     if not new:
