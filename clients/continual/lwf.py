@@ -14,6 +14,8 @@ teacher.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from pydantic import Field
 from torch.nn import functional as F
@@ -21,12 +23,28 @@ from torch.nn import functional as F
 from clients.continual import ContinualMethod
 from fedtail.registry import CONTINUAL, PluginOptions
 
+if TYPE_CHECKING:
+    from clients.local import LocalContext
+
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Li & Hoiem's eq. 2 averaged over the batch: cross-entropy of the tempered teacher distribution
     against the tempered student one."""
     target = F.softmax(teacher / temperature, dim=1)
     return -(target * F.log_softmax(student / temperature, dim=1)).sum(dim=1).mean()
+
+
+def old_class_distillation(
+    ctx: LocalContext, old: list[int], logits: torch.Tensor, x: torch.Tensor, temperature: float
+) -> torch.Tensor | None:
+    """`distillation_loss` of the current logits of the ``old`` classes towards the end-of-previous-task
+    model's on the same samples; None when there is nothing to distil."""
+    if not old or not len(x):
+        return None
+    columns = torch.as_tensor(old, device=logits.device)
+    with torch.no_grad():
+        teacher = ctx.previous_model(x)[:, columns]
+    return distillation_loss(logits[:, columns], teacher, temperature)
 
 
 @CONTINUAL.register("lwf")
@@ -50,9 +68,5 @@ class LwF(ContinualMethod):
         return list(self.ctx.task_classes)
 
     def extra_loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-        if not self.old or not len(x):
-            return None
-        old = torch.as_tensor(self.old, device=logits.device)
-        with torch.no_grad():
-            teacher = self.ctx.previous_model(x)[:, old]
-        return self.options.lam * distillation_loss(logits[:, old], teacher, self.options.temperature)
+        term = old_class_distillation(self.ctx, self.old, logits, x, self.options.temperature)
+        return None if term is None else self.options.lam * term

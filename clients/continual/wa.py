@@ -25,7 +25,7 @@ import torch
 from flwr.app import ArrayRecord
 from pydantic import Field
 
-from clients.continual.lwf import distillation_loss
+from clients.continual.lwf import old_class_distillation
 from clients.continual.replay import MemoryOptions, Replay
 from fedtail.models import array_from_numpy, array_to_numpy
 from fedtail.registry import CONTINUAL
@@ -75,12 +75,8 @@ class WeightAligning(Replay):
         return 1.0 - self.kd_lambda
 
     def extra_loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-        if not self.old or not len(x):
-            return None
-        old = torch.as_tensor(self.old, device=logits.device)
-        with torch.no_grad():
-            teacher = self.ctx.previous_model(x)[:, old]
-        return self.kd_lambda * distillation_loss(logits[:, old], teacher, self.options.temperature)
+        term = old_class_distillation(self.ctx, self.old, logits, x, self.options.temperature)
+        return None if term is None else self.kd_lambda * term
 
     @classmethod
     def end_task_on_server(cls, arrays: ArrayRecord, old: list[int], new: list[int]) -> ArrayRecord:
