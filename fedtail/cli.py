@@ -236,16 +236,18 @@ def _dispatch(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
     from fedtail import pipeline
 
     if args.command in ("run", "simulate"):
-        print(f"run {args.run_id}: {pipeline.new_run_dir(cfg, root)}", flush=True)
+        run_dir = pipeline.new_run_dir(cfg, root)
+        run_id = run_dir.name  # from --run-id, --set output.run_id=... or generated
+        print(f"run {run_id}: {run_dir}", flush=True)
         try:
             with _sigterm_interrupts():
                 print(_train(args, cfg, root))
         except KeyboardInterrupt:
-            started = (pipeline.new_run_dir(cfg, root) / "config.yaml").is_file()
+            started = (run_dir / "config.yaml").is_file()
             again = (
-                f"fedtail run --resume {args.run_id}"
+                f"fedtail run --resume {run_id}"
                 if args.command == "run"
-                else f"fedtail simulate --run-id {args.run_id} --resume (with the same --config/--set)"
+                else f"fedtail simulate --run-id {run_id} --resume (with the same --config/--set)"
             )
             hint = f"resume with: {again}" if started else "nothing to resume yet"
             print(f"\nfedtail: interrupted; {hint}", file=sys.stderr)

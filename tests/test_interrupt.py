@@ -172,6 +172,11 @@ def test_ctrl_c_in_the_dvc_simulate_stage_says_how_to_resume(
     args += ["--set", f"output.runs_dir={tmp_path}", "--set", f"output.artifacts_dir={tmp_path / 'a'}"]
     assert main(args) == 130
     assert "interrupted; resume with: fedtail simulate --run-id s --resume" in capsys.readouterr().err
+    # the run id given as a config override is the one to resume (it printed "None" before)
+    args = [*args[:5], "--set", "output.run_id=via-set", *args[7:]]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "resume with: fedtail simulate --run-id via-set --resume" in err and "None" not in err
 
 
 def test_detached_server_runs_exactly_prefects_command(monkeypatch: pytest.MonkeyPatch) -> None:
