@@ -23,7 +23,7 @@ from clients.state import persist_state
 from fedtail import protocol as P
 from fedtail.models import load_arrays, model_for, resolve_device, to_arrays
 from fedtail.registry import CONTINUAL
-from fedtail.staging import staged_meta
+from fedtail.staging import load_staged, staged_meta
 
 STATE_KEY = "fedtail-client"
 
@@ -52,6 +52,18 @@ def held_classes(job_json: str, cfg, pid: int, task: int) -> list[int] | None:
         return None
     present, tasks = _arrival(job_json)
     return sorted(c for k in range(task + 1) if present[pid, k] for c in tasks[k])
+
+
+def task_samples(job_json: str, data: ClientData, task: int) -> tuple[np.ndarray, np.ndarray]:
+    """The client's samples presented in ``task`` with blurry boundaries (`fedtail.tasks.sample_tasks`)."""
+    from fedtail.tasks import sample_tasks, schedule_from_config
+
+    job = P.parse_job(job_json)
+    cfg = job.config
+    size = len(load_staged(job.staged_dir).y_train)  # memory-mapped: the draws are per training sample
+    which = sample_tasks(data.y, schedule_from_config(cfg), cfg.tasks.blurry, cfg.seed, data.index, size)
+    mask = which == task
+    return data.x[mask], data.y[mask]
 
 
 @functools.lru_cache(maxsize=8)
@@ -132,7 +144,11 @@ def train(msg: Message, context: Context) -> Message:
         device=resolve_device(cfg.engine.device),
         options=dict(cfg.train.options),
     )
-    x, y = data.for_classes(task_classes)
+    x, y = (
+        task_samples(str(conf[P.JOB]), data, task)
+        if cfg.tasks.blurry
+        else data.for_classes(task_classes)
+    )
     stage = str(conf[P.STAGE]) if P.STAGE in conf else "fl"
     loss, n = (retrain_classifier if stage == "crt" else train_local)(ctx, x, y)
     state["rounds-trained"] = int(state["rounds-trained"]) + 1

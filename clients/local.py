@@ -97,6 +97,8 @@ class ClientData:
     x: np.ndarray
     y: np.ndarray
     x_unlabeled: np.ndarray
+    index: np.ndarray | None = None
+    """Positions of the labeled samples in the staged training set (per-sample draws: blurry tasks)."""
 
     @property
     def nbytes(self) -> int:
@@ -161,7 +163,7 @@ def load_client_data(staged_dir: str, partition_dir: str, partition_id: int) -> 
         idx, labeled = load_client(Path(partition_dir), partition_id)
         x = np.asarray(splits.x_train[idx], dtype=np.float32)
         y = np.asarray(splits.y_train[idx], dtype=np.int64)
-        return ClientData(x=x[labeled], y=y[labeled], x_unlabeled=x[~labeled])
+        return ClientData(x=x[labeled], y=y[labeled], x_unlabeled=x[~labeled], index=idx[labeled])
 
     return _CLIENTS.get((staged_dir, partition_dir, partition_id), load)
 
@@ -245,7 +247,9 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
     generator = torch.Generator().manual_seed(seed)
     bs = cfg.train.batch_size
     total, steps = 0.0, 0
-    hidden = _hidden_classes(method.objective_classes(), cfg.num_classes, ctx.device)
+    shown = method.objective_classes()  # plus any class in the data (blurry tasks bring the next one's)
+    shown = None if shown is None else sorted(set(shown) | set(np.unique(labels.numpy()).tolist()))
+    hidden = _hidden_classes(shown, cfg.num_classes, ctx.device)
     weight = method.objective_weight()
     model.train()
     for _ in range(cfg.train.epochs):

@@ -266,6 +266,12 @@ class TasksConfig(_Section):
         None, description="Classes of each task, in order (uneven tasks; overrides the two fields above)."
     )
     shuffle_classes: bool = Field(True, description="Seeded shuffle of the class order.")
+    blurry: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Share of each task's samples presented during the task before it (blurry boundaries).",
+    )
     late_join_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="Share of clients that join at a later task (drawn 1..T-1)."
     )

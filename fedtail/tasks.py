@@ -6,6 +6,7 @@ server, the clients and the evaluation all read the same class order.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -158,6 +159,36 @@ def client_participation(
     for t in np.flatnonzero(~present.any(axis=0)):
         present[order[0], t] = True
     return present
+
+
+@functools.lru_cache(maxsize=4)
+def _uniform_draws(seed: int, size: int) -> np.ndarray:
+    """One U(0, 1) draw per training sample, fixed by the seed (computed once per process)."""
+    return np.random.default_rng([seed, 0xB1, size]).random(size)
+
+
+def sample_tasks(
+    labels: np.ndarray,
+    schedule: TaskSchedule,
+    blurry: float,
+    seed: int,
+    index: np.ndarray | None = None,
+    size: int | None = None,
+) -> np.ndarray:
+    """The task in which each training sample is presented: its class's task, except that a ``blurry``
+    share of every later task's samples comes one task early (blurry task boundaries, as in the
+    "Blurry" class-incremental setting of Aljundi et al. 2019 and Koh et al. 2022). Seeded per sample:
+    ``index`` (positions in the staged training set) makes the draw the same whichever client holds the
+    sample; ``labels`` are the samples' labels, ``size`` the training set's (default: ``len(labels)``)."""
+    class_task = np.zeros(schedule.num_classes, dtype=np.int64)
+    for t, classes in enumerate(schedule.tasks):
+        class_task[list(classes)] = t
+    task = class_task[np.asarray(labels, dtype=np.int64)]
+    if blurry <= 0:
+        return task
+    index = np.arange(len(task)) if index is None else np.asarray(index, dtype=np.int64)
+    u = _uniform_draws(seed, len(task) if size is None else size)[index]
+    return np.where((task > 0) & (u < blurry), task - 1, task)
 
 
 def schedule_from_config(cfg: FedtailConfig) -> TaskSchedule:

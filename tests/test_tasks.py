@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from fedtail.config import build_config
@@ -94,3 +95,22 @@ def test_bad_schedules_name_the_field(cpt, first, sizes, message: str) -> None:
 
     with pytest.raises(ConfigError, match=message):
         build_config({"tasks": {"classes_per_task": cpt, "first_task_classes": first, "sizes": sizes}})
+
+
+def test_blurry_boundaries_bring_a_share_of_each_task_one_task_early() -> None:
+    from fedtail.tasks import sample_tasks
+
+    schedule = make_schedule(10, 2, shuffle=False, seed=0)  # tasks (0,1) (2,3) ... (8,9)
+    labels = np.repeat(np.arange(10), 1000)
+    assert (sample_tasks(labels, schedule, 0.0, seed=0) == labels // 2).all()
+    which = sample_tasks(labels, schedule, 0.3, seed=0)
+    own = labels // 2
+    assert ((which == own) | (which == own - 1)).all()  # early by one task at most
+    assert (which[own == 0] == 0).all()  # nothing comes before task 0
+    for t in range(1, 5):
+        assert abs((which[own == t] == t - 1).mean() - 0.3) < 0.03
+    # per sample, whoever holds it: a client's subset draws exactly what the whole set draws
+    subset = np.arange(3, 10_000, 7)
+    got = sample_tasks(labels[subset], schedule, 0.3, seed=0, index=subset, size=labels.size)
+    assert (got == which[subset]).all()
+    assert not (sample_tasks(labels, schedule, 0.3, seed=1) == which).all()
