@@ -144,11 +144,7 @@ def train(msg: Message, context: Context) -> Message:
         device=resolve_device(cfg.engine.device),
         options=dict(cfg.train.options),
     )
-    x, y = (
-        task_samples(str(conf[P.JOB]), data, task)
-        if cfg.tasks.blurry
-        else data.for_classes(task_classes)
-    )
+    x, y = task_samples(str(conf[P.JOB]), data, task) if cfg.tasks.blurry else data.for_classes(task_classes)
     stage = str(conf[P.STAGE]) if P.STAGE in conf else "fl"
     loss, n = (retrain_classifier if stage == "crt" else train_local)(ctx, x, y)
     state["rounds-trained"] = int(state["rounds-trained"]) + 1

@@ -169,3 +169,15 @@ def test_a_crashed_continual_run_resumes_to_the_same_result(
     assert json.loads((run_dir / "metrics.json").read_text()) == reference
     for name in ("tasks.csv", "clients.csv", "rounds.csv"):
         assert (run_dir / name).read_text() == (ref_dir / name).read_text(), name
+
+
+@pytest.mark.parametrize("method", ["replay", "ewc", "lwf", "wa", "derpp"])
+def test_methods_that_act_across_tasks_refuse_a_single_task(method: str) -> None:
+    with pytest.raises(ConfigError, match="acts from the second task on, but the schedule has one task"):
+        build_config({"continual": {"method": method}, "tasks": {"classes_per_task": None}})
+    build_config({"continual": {"method": method}, "tasks": {"classes_per_task": None, "sizes": [5, 5]}})
+
+
+@pytest.mark.parametrize("method", ["finetune", "joint"])
+def test_finetune_and_joint_run_as_plain_fl(method: str) -> None:
+    build_config({"continual": {"method": method}, "tasks": {"classes_per_task": None}})

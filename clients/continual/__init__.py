@@ -18,6 +18,7 @@ from fedtail.registry import PluginOptions
 
 if TYPE_CHECKING:
     from clients.local import LocalContext
+    from fedtail.config import FedtailConfig
 
 
 class ContinualMethod:
@@ -28,10 +29,24 @@ class ContinualMethod:
     """
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
+    acts_across_tasks: ClassVar[bool] = False
+    """True for a method that does something only from the second task on (memories, penalties,
+    distillation): the config refuses it with a single task, where it would silently be fine-tuning."""
     uses_previous_model: ClassVar[bool] = False
     """True: from task 1 on, every train message carries the end-of-previous-task global model (one
     model more per message), as ``ctx.previous_model``; the same teacher for every client, whichever
     round of the task it is first sampled in."""
+
+    @classmethod
+    def check_config(cls, cfg: FedtailConfig) -> str | None:
+        """Why this method cannot run with ``cfg`` (checked with the config, before any work), or None."""
+        if cls.acts_across_tasks and cfg.num_tasks < 2:
+            return (
+                f"continual.method={cfg.continual.method!r} acts from the second task on, but the schedule "
+                "has one task: set tasks.classes_per_task (or tasks.sizes) for several tasks, or use "
+                "finetune"
+            )
+        return None
 
     def __init__(self, ctx: LocalContext) -> None:
         self.ctx = ctx

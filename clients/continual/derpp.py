@@ -45,6 +45,8 @@ def reservoir_slots(num_seen: int, batch: int, size: int, rng: np.random.Generat
 
 @CONTINUAL.register("derpp")
 class DERpp(ContinualMethod):
+    acts_across_tasks = True
+
     class Options(PluginOptions):
         """``memory_size``: buffer samples per client; ``alpha``: logit-matching weight; ``beta``: the
         buffer's label loss weight."""

@@ -83,6 +83,7 @@ def ewc_penalty(
 
 @CONTINUAL.register("ewc")
 class EWC(ContinualMethod):
+    acts_across_tasks = True
     uses_previous_model = True
 
     class Options(PluginOptions):

@@ -49,6 +49,7 @@ def old_class_distillation(
 
 @CONTINUAL.register("lwf")
 class LwF(ContinualMethod):
+    acts_across_tasks = True
     uses_previous_model = True
 
     class Options(PluginOptions):

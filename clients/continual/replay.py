@@ -52,9 +52,11 @@ class Replay(ContinualMethod):
     Options = MemoryOptions
     uses_previous_model = True  # herding ranks exemplars with the end-of-task model
 
+    acts_across_tasks = True
+
     @classmethod
     def check_config(cls, cfg: FedtailConfig) -> str | None:
-        return check_memory(cfg)
+        return super().check_config(cfg) or check_memory(cfg)
 
     def objective_classes(self) -> list[int]:
         """The classes seen so far, a grown head as in iCaRL and PyCIL: the loss does not push the rows
