@@ -24,6 +24,7 @@ from fedtail import protocol as P
 from fedtail.models import load_arrays, model_for, resolve_device, to_arrays
 from fedtail.registry import CONTINUAL
 from fedtail.staging import load_staged, staged_meta
+from fedtail.tasks import TaskSchedule, sample_tasks, schedule_from_config
 
 STATE_KEY = "fedtail-client"
 
@@ -38,32 +39,31 @@ def _job_and_data(msg: Message, context: Context) -> tuple[P.Job, int, ClientDat
 
 
 @functools.lru_cache(maxsize=4)
-def _arrival(job_json: str) -> tuple[np.ndarray, tuple[tuple[int, ...], ...]]:
-    """Who takes part in which task, and the tasks' classes (per-client arrival; pure in the config)."""
-    from fedtail.tasks import schedule_from_config
-
+def _schedule(job_json: str) -> tuple[np.ndarray | None, TaskSchedule]:
+    """Who takes part in which task (None: everyone) and the task schedule; pure in the config."""
     cfg = P.parse_job(job_json).config
-    return cfg.participation(), schedule_from_config(cfg).tasks
+    return cfg.participation(), schedule_from_config(cfg)
 
 
-def held_classes(job_json: str, cfg, pid: int, task: int) -> list[int] | None:
+def held_classes(job_json: str, pid: int, task: int) -> list[int] | None:
     """Classes of the tasks up to ``task`` that client ``pid`` took part in; None without arrival."""
-    if not (cfg.tasks.late_join_fraction or cfg.tasks.skip_fraction):
+    present, schedule = _schedule(job_json)
+    if present is None:
         return None
-    present, tasks = _arrival(job_json)
-    return sorted(c for k in range(task + 1) if present[pid, k] for c in tasks[k])
+    return sorted(c for k in range(task + 1) if present[pid, k] for c in schedule.tasks[k])
 
 
-def task_samples(job_json: str, data: ClientData, task: int) -> tuple[np.ndarray, np.ndarray]:
-    """The client's samples presented in ``task`` with blurry boundaries (`fedtail.tasks.sample_tasks`)."""
-    from fedtail.tasks import sample_tasks, schedule_from_config
-
+def task_positions(job_json: str, data: ClientData, task: int, classes: list[int]) -> np.ndarray:
+    """Positions in ``data`` of the samples presented in ``task``: those of its ``classes``, or with
+    blurry boundaries those `fedtail.tasks.sample_tasks` assigns to it."""
     job = P.parse_job(job_json)
     cfg = job.config
+    if not cfg.tasks.blurry:
+        return data.positions(classes)
+    _, schedule = _schedule(job_json)
     size = len(load_staged(job.staged_dir).y_train)  # memory-mapped: the draws are per training sample
-    which = sample_tasks(data.y, schedule_from_config(cfg), cfg.tasks.blurry, cfg.seed, data.index, size)
-    mask = which == task
-    return data.x[mask], data.y[mask]
+    which = sample_tasks(data.y, schedule, cfg.tasks.blurry, cfg.seed, data.index, size)
+    return np.flatnonzero(which == task)
 
 
 @functools.lru_cache(maxsize=8)
@@ -123,7 +123,9 @@ def train(msg: Message, context: Context) -> Message:
     previous = msg.content.array_records.get(P.PREVIOUS_ARRAYS)
     model = _model(job, received)
     task = int(conf[P.TASK])
+    job_json = str(conf[P.JOB])
     task_classes = [int(c) for c in conf["task-classes"]]
+    index = task_positions(job_json, data, task, task_classes)
     state = _client_state(context)
     ctx = LocalContext(
         job=job,
@@ -138,13 +140,14 @@ def train(msg: Message, context: Context) -> Message:
         model=model,
         global_model_fn=lambda: _fresh_model(job, received),
         previous_model_fn=None if previous is None else lambda: _fresh_model(job, previous),
-        held_classes=held_classes(str(conf[P.JOB]), cfg, pid, task),
+        held_classes=held_classes(job_json, pid, task),
         data=data,
+        sample_index=index,
         state=context.state,
         device=resolve_device(cfg.engine.device),
         options=dict(cfg.train.options),
     )
-    x, y = task_samples(str(conf[P.JOB]), data, task) if cfg.tasks.blurry else data.for_classes(task_classes)
+    x, y = data.x[index], data.y[index]
     stage = str(conf[P.STAGE]) if P.STAGE in conf else "fl"
     loss, n = (retrain_classifier if stage == "crt" else train_local)(ctx, x, y)
     state["rounds-trained"] = int(state["rounds-trained"]) + 1

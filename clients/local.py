@@ -54,6 +54,8 @@ class LocalContext:
     held_classes: list[int] | None = None
     """Classes of the tasks this client took part in so far (per-client arrival); None: every seen class.
     A client absent from a task never received that task's data, so its memory may not hold it."""
+    sample_index: np.ndarray | None = None
+    """Positions in `data` of the round's samples (``x`` of `train_local`): DER++'s buffer keeps them."""
     previous_model_fn: Callable[[], nn.Module] | None = None
     """Builds the global model as it was at the end of the previous task; the server sends it only to
     continual methods that declare `ContinualMethod.uses_previous_model`, and only after task 0."""
@@ -112,11 +114,15 @@ class ClientData:
     def class_counts(self, num_classes: int) -> np.ndarray:
         return np.bincount(self.y, minlength=num_classes).astype(np.int64)
 
-    def for_classes(self, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def positions(self, classes: Sequence[int]) -> np.ndarray:
+        """Positions of the samples of ``classes``, in data order."""
         table = np.zeros(max(int(self.y.max(initial=0)), max(classes, default=0)) + 1, dtype=bool)
         table[list(classes)] = True  # labels are small ints: a lookup table beats np.isin's set-up
-        mask = table[self.y]
-        return self.x[mask], self.y[mask]
+        return np.flatnonzero(table[self.y])
+
+    def for_classes(self, classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        index = self.positions(classes)
+        return self.x[index], self.y[index]
 
 
 CLIENT_CACHE_BYTES = 256 * 2**20

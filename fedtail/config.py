@@ -519,11 +519,14 @@ class FedtailConfig(_Section):
     def num_tasks(self) -> int:
         return len(self.task_sizes)
 
-    def participation(self) -> np.ndarray:
-        """Clients x tasks: who takes part in which task (`fedtail.tasks.client_participation`)."""
+    def participation(self) -> np.ndarray | None:
+        """Clients x tasks: who takes part in which task (`fedtail.tasks.client_participation`); None
+        when every client takes part in every task."""
         from fedtail.tasks import client_participation
 
         t = self.tasks
+        if not (t.late_join_fraction or t.skip_fraction):
+            return None
         return client_participation(
             self.federation.num_clients, self.num_tasks, t.late_join_fraction, t.skip_fraction, self.seed
         )

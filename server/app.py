@@ -215,8 +215,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
     rounds, n_tasks = cfg.federation.rounds_per_task, schedule.num_tasks
     stages = [(FL, rounds)] + ([(CRT, cfg.crt.rounds)] if cfg.crt.rounds else [])
     method = CONTINUAL.get(cfg.continual.method)
-    t_cfg = cfg.tasks
-    participation = cfg.participation() if t_cfg.late_join_fraction or t_cfg.skip_fraction else None
+    participation = cfg.participation()
 
     for t in range(recorder.tasks_done, n_tasks):
         seen = schedule.seen_classes(t)

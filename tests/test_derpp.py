@@ -97,3 +97,18 @@ def test_bad_derpp_options_are_refused(options: dict) -> None:
 
     with pytest.raises(ConfigError, match="continual.options"):
         build_config({"continual": {"method": "derpp", "options": options}})
+
+
+def test_the_buffer_keeps_the_round_samples_own_positions() -> None:
+    """With blurry boundaries the round's samples are not its classes' samples: the buffer must store
+    the positions the client app gave (ctx.sample_index), not recompute them from the task's classes."""
+    ctx, data = _ctx()
+    ctx.sample_index = np.array([1, 4, 13, 20, 22])  # e.g. classes 0 and 3 leaked into this round
+    method = DERpp(ctx)
+    x, y = data.x[ctx.sample_index], data.y[ctx.sample_index]
+    method.training_data(torch.from_numpy(x), torch.from_numpy(y))
+    method.after_step(torch.randn(3, 10), torch.from_numpy(y[[0, 2, 4]]), torch.tensor([0, 2, 4]))
+    method.end_round()
+    memory = Memory.load(ctx.state)
+    assert memory.indices.tolist() == [1, 13, 22]
+    assert memory.labels.tolist() == data.y[[1, 13, 22]].tolist()

@@ -68,10 +68,8 @@ class DERpp(ContinualMethod):
         self.generator = torch.Generator().manual_seed(seed)
 
     def training_data(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        data = self.ctx.data
-        table = np.zeros(max(int(data.y.max(initial=0)), max(self.ctx.task_classes)) + 1, dtype=bool)
-        table[list(self.ctx.task_classes)] = True
-        self.data_index = np.flatnonzero(table[data.y])  # position in x -> index in the client's data
+        index = self.ctx.sample_index  # position in x -> index in the client's data
+        self.data_index = self.ctx.data.positions(self.ctx.task_classes) if index is None else index
         return x, y
 
     def _replay_batch(self, n: int) -> tuple[torch.Tensor, np.ndarray]:

@@ -14,13 +14,14 @@ herding orders them), then the new old classes are filled.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
+
+from fedtail.models import array_from_numpy, array_to_numpy
 
 if TYPE_CHECKING:
     from clients.local import LocalContext
@@ -45,17 +46,19 @@ class Memory:
         if MEMORY_KEY not in state:
             return cls.empty()
         record = state[MEMORY_KEY]
-        logits = record["logits"].numpy() if "logits" in record else None
+        logits = array_to_numpy(record["logits"]) if "logits" in record else None
         return cls(
-            record["indices"].numpy().astype(np.int64), record["labels"].numpy().astype(np.int64), logits
+            array_to_numpy(record["indices"]).astype(np.int64),
+            array_to_numpy(record["labels"]).astype(np.int64),
+            logits,
         )
 
     def save(self, state: RecordDict) -> None:
         record = ArrayRecord()
-        record["indices"] = Array(np.ascontiguousarray(self.indices, dtype=np.int64))
-        record["labels"] = Array(np.ascontiguousarray(self.labels, dtype=np.int64))
+        record["indices"] = array_from_numpy(np.ascontiguousarray(self.indices, dtype=np.int64))
+        record["labels"] = array_from_numpy(np.ascontiguousarray(self.labels, dtype=np.int64))
         if self.logits is not None:
-            record["logits"] = Array(np.ascontiguousarray(self.logits, dtype=np.float32))
+            record["logits"] = array_from_numpy(np.ascontiguousarray(self.logits, dtype=np.float32))
         state[MEMORY_KEY] = record
 
     def __len__(self) -> int:
@@ -122,9 +125,6 @@ def features_of(model: torch.nn.Module, x: np.ndarray, device: torch.device, bat
     ]
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
-
-
-Selector = Callable[[np.ndarray, int], np.ndarray]
 
 
 def update_memory(ctx: LocalContext, memory_size: int, selection: str) -> tuple[Memory, list[int]]:
