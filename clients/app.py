@@ -2,7 +2,9 @@
 
 ``query``: report this node's partition id once (the server maps partitions to nodes with it); it
 leaves the persistent state alone, which only training changes. ``train``: train the received global
-model on this client's samples of the current task's classes and return the update. Persistent
+model on this client's samples of the current task's classes and return the update. ``evaluate``: an
+end-of-task statistics exchange of the continual method (`ContinualMethod.task_statistics`; only sums
+of the client's data go back). Persistent
 per-client state lives in ``context.state``; the `persist_state` mod carries it into the server's
 checkpoints and back on resume.
 """
@@ -18,10 +20,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.local import ClientData, LocalContext, load_client_data, retrain_classifier, train_local
+from clients.local import ClientData, LocalContext, frozen, load_client_data, retrain_classifier, train_local
 from clients.state import persist_state
 from fedtail import protocol as P
-from fedtail.models import load_arrays, model_for, resolve_device, to_arrays
+from fedtail.models import array_from_numpy, array_to_numpy, load_arrays, model_for, resolve_device, to_arrays
 from fedtail.registry import CONTINUAL
 from fedtail.staging import load_staged, staged_meta
 from fedtail.tasks import TaskSchedule, sample_tasks, schedule_from_config
@@ -112,8 +114,14 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({P.INFO: info}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _head(content: RecordDict, key: str) -> dict[str, np.ndarray] | None:
+    record = content.array_records.get(key)
+    return None if record is None else {k: array_to_numpy(v) for k, v in record.items()}
+
+
+def _local_context(msg: Message, context: Context, model: torch.nn.Module | None = None) -> LocalContext:
+    """The `LocalContext` of a train or statistics message: the received model (``model``: an own
+    instance to train, else a frozen copy), the task, the client's data and state."""
     job, pid, data = _job_and_data(msg, context)
     cfg = job.config
     conf = msg.content[P.CONFIG]
@@ -121,32 +129,45 @@ def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(cfg.engine.threads_per_client)
     received = msg.content[P.ARRAYS]
     previous = msg.content.array_records.get(P.PREVIOUS_ARRAYS)
-    model = _model(job, received)
     task = int(conf[P.TASK])
     job_json = str(conf[P.JOB])
     task_classes = [int(c) for c in conf["task-classes"]]
-    index = task_positions(job_json, data, task, task_classes)
-    state = _client_state(context)
-    ctx = LocalContext(
+    device = resolve_device(cfg.engine.device)
+    return LocalContext(
         job=job,
         partition_id=pid,
         task=task,
-        global_round=int(conf[P.GLOBAL_ROUND]),
+        global_round=int(conf[P.GLOBAL_ROUND]) if P.GLOBAL_ROUND in conf else -1,
         task_classes=task_classes,
         seen_classes=[int(c) for c in conf["seen-classes"]],
         class_prior=np.asarray(conf[P.CLASS_PRIOR], dtype=np.float64),
         global_counts=np.asarray(conf[P.CLASS_COUNTS], dtype=np.int64) if P.CLASS_COUNTS in conf else None,
         class_counts=data.class_counts(cfg.num_classes),
-        model=model,
+        model=model if model is not None else frozen(_fresh_model(job, received).to(device)),
         global_model_fn=lambda: _fresh_model(job, received),
         previous_model_fn=None if previous is None else lambda: _fresh_model(job, previous),
+        previous_head=_head(msg.content, P.PREVIOUS_HEAD),
         held_classes=held_classes(job_json, pid, task),
         data=data,
-        sample_index=index,
+        sample_index=task_positions(job_json, data, task, task_classes),
         state=context.state,
-        device=resolve_device(cfg.engine.device),
+        device=device,
         options=dict(cfg.train.options),
     )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    job = P.parse_job(str(msg.content[P.CONFIG][P.JOB]))
+    ctx = _local_context(msg, context, model=_model(job, msg.content[P.ARRAYS]))
+    cfg, data, state, index, conf = (
+        job.config,
+        ctx.data,
+        _client_state(context),
+        ctx.sample_index,
+        msg.content[P.CONFIG],
+    )
+    task, pid = ctx.task, ctx.partition_id
     x, y = data.x[index], data.y[index]
     stage = str(conf[P.STAGE]) if P.STAGE in conf else "fl"
     loss, n = (retrain_classifier if stage == "crt" else train_local)(ctx, x, y)
@@ -167,6 +188,25 @@ def train(msg: Message, context: Context) -> Message:
                     P.MEMORY_BYTES: memory_bytes,
                 }
             ),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def statistics(msg: Message, context: Context) -> Message:
+    """An end-of-task exchange (`ContinualMethod.statistics_rounds`): the continual method's sums over
+    this client's data under the end-of-task model. The client's state is lent as a copy: what the
+    method computes from it (the memory it would hold next) is not kept."""
+    ctx = _local_context(msg, context)
+    ctx.state = RecordDict(dict(context.state.items()))
+    method = CONTINUAL.get(ctx.job.config.continual.method)(ctx)
+    head = _head(msg.content, P.HEAD) or {}
+    sums = method.task_statistics(head, int(msg.content[P.CONFIG][P.EXCHANGE]))
+    content = RecordDict(
+        {
+            P.STATISTICS: ArrayRecord({k: array_from_numpy(np.asarray(v)) for k, v in sums.items()}),
+            P.INFO: ConfigRecord({P.PARTITION_ID: ctx.partition_id}),
         }
     )
     return Message(content, reply_to=msg)

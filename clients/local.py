@@ -59,6 +59,9 @@ class LocalContext:
     previous_model_fn: Callable[[], nn.Module] | None = None
     """Builds the global model as it was at the end of the previous task; the server sends it only to
     continual methods that declare `ContinualMethod.uses_previous_model`, and only after task 0."""
+    previous_head: dict[str, np.ndarray] | None = None
+    """The continual method's head as of the end of the previous task (`ContinualMethod.statistics_rounds`
+    methods; sent beside the previous model), e.g. BiC's bias layer of the teacher."""
 
     def received(self, classes: Sequence[int]) -> list[int]:
         """Those of ``classes`` whose data this client received (`held_classes`)."""
@@ -71,7 +74,7 @@ class LocalContext:
     def global_model(self) -> nn.Module:
         """The received global model, frozen (eval mode, no gradients). Built on first use, so only the
         objectives and continual methods that look at it (proximal terms, distillation) pay for it."""
-        return _frozen(self.global_model_fn().to(self.device))
+        return frozen(self.global_model_fn().to(self.device))
 
     @functools.cached_property
     def previous_model(self) -> nn.Module:
@@ -82,10 +85,10 @@ class LocalContext:
                 "no end-of-task model in this train message: the continual method must set "
                 "uses_previous_model = True (the server sends it from task 1 on)"
             )
-        return _frozen(self.previous_model_fn().to(self.device))
+        return frozen(self.previous_model_fn().to(self.device))
 
 
-def _frozen(model: nn.Module) -> nn.Module:
+def frozen(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -28,7 +28,15 @@ from fedtail import io, runs
 from fedtail import protocol as P
 from fedtail.config import FedtailConfig, check_paths, from_run_config, parse_override_list
 from fedtail.metrics import class_groups
-from fedtail.models import model_for, reinit_classifier, resolve_device, to_arrays, to_state_dict
+from fedtail.models import (
+    array_from_numpy,
+    array_to_numpy,
+    model_for,
+    reinit_classifier,
+    resolve_device,
+    to_arrays,
+    to_state_dict,
+)
 from fedtail.partition import labeled_class_counts, load_schedule
 from fedtail.registry import ADJUSTMENTS, CONTINUAL, STRATEGIES
 from fedtail.staging import load_staged, staged_meta
@@ -108,6 +116,53 @@ def restore_client_states(
             f"could not restore the clients' state for resuming ({len(replies)}/{len(messages)} replies): "
             f"{errors[:3]}"
         )
+
+
+def head_record(head: dict[str, np.ndarray]) -> ArrayRecord:
+    """A continual method's head as it travels in messages."""
+    return ArrayRecord({k: array_from_numpy(np.ascontiguousarray(v)) for k, v in head.items()})
+
+
+def collect_statistics(
+    grid: Grid,
+    node_of: dict[int, int],
+    arrays: ArrayRecord,
+    head: dict[str, np.ndarray],
+    config: ConfigRecord,
+    extra: dict[str, ArrayRecord],
+    timeout: float,
+) -> dict[str, np.ndarray]:
+    """One end-of-task exchange (`ContinualMethod.statistics_rounds`): send every client the model and
+    the head, and add up the sums they return, in float64 and partition order (the same total on every
+    engine). A client that fails is left out with a warning, as in a round; none answering is an error.
+    """
+    content = {P.ARRAYS: arrays, P.HEAD: head_record(head), P.CONFIG: config, **extra}
+    messages = [
+        Message(content=RecordDict(dict(content)), dst_node_id=node, message_type=MessageType.EVALUATE)
+        for _, node in sorted(node_of.items())
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    answers: list[tuple[int, ArrayRecord]] = []
+    for reply in replies:
+        if reply.has_error():
+            log.warning(
+                "task %d statistics: failed client: node %s: %s",
+                int(config[P.TASK]) + 1,
+                reply.metadata.src_node_id,
+                reply.error.reason,
+            )
+            continue
+        answers.append((int(reply.content[P.INFO][P.PARTITION_ID]), reply.content[P.STATISTICS]))
+    if not answers:
+        raise RuntimeError(
+            f"task {int(config[P.TASK]) + 1}: no client answered the end-of-task statistics exchange"
+        )
+    sums: dict[str, np.ndarray] = {}
+    for _, record in sorted(answers, key=lambda item: item[0]):
+        for key, value in record.items():
+            array = array_to_numpy(value).astype(np.float64)
+            sums[key] = array if key not in sums else sums[key] + array
+    return sums
 
 
 FL, CRT = "fl", "crt"
@@ -222,6 +277,8 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
         offset = 0  # rounds of this task before the stage
         previous = recorder.task_arrays if method.uses_previous_model and t > 0 else None
         strategy.extra_records = {} if previous is None else {P.PREVIOUS_ARRAYS: previous}
+        if previous is not None and method.statistics_rounds:
+            strategy.extra_records[P.PREVIOUS_HEAD] = head_record(recorder.task_head)
         strategy.present = None if participation is None else np.flatnonzero(participation[:, t]).tolist()
         for stage, stage_rounds in stages:
             done = recorder.rounds_done_in_task(t, stage)
@@ -258,10 +315,34 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
             offset += stage_rounds
         old = [c for task in schedule.tasks[:t] for c in task]
         arrays = method.end_task_on_server(arrays, old, list(schedule.tasks[t]))
-        recorder.end_task(t, evaluator.evaluate(arrays, seen, schedule.tasks[: t + 1]), arrays)
+        head = recorder.task_head
+        for exchange in range(method.statistics_rounds):
+            config = ConfigRecord(
+                {
+                    P.JOB: job.to_json(),
+                    P.TASK: t,
+                    P.EXCHANGE: exchange,
+                    "task-classes": list(schedule.tasks[t]),
+                    "seen-classes": seen,
+                    P.CLASS_PRIOR: prior.tolist(),
+                    P.CLASS_COUNTS: [int(c) for c in global_counts],
+                }
+            )
+            sums = collect_statistics(
+                grid, node_of, arrays, head, config, strategy.extra_records, cfg.engine.timeout
+            )
+            arrays, head = method.head_from_statistics(
+                sums, head, exchange, arrays=arrays, old=old, new=list(schedule.tasks[t])
+            )
+        logits = functools.partial(method.evaluation_logits, head=head) if method.statistics_rounds else None
+        result = evaluator.evaluate(arrays, seen, schedule.tasks[: t + 1], head=logits)
+        recorder.end_task(t, result, arrays, head)
 
     last = schedule.num_tasks - 1
-    final = evaluator.evaluate(arrays, schedule.seen_classes(last), schedule.tasks)
+    logits = None
+    if method.statistics_rounds:
+        logits = functools.partial(method.evaluation_logits, head=recorder.task_head)
+    final = evaluator.evaluate(arrays, schedule.seen_classes(last), schedule.tasks, head=logits)
     return recorder.finish(to_state_dict(arrays), final)
 
 

@@ -7,7 +7,8 @@ would have none).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from fedtail.metrics import (
 )
 from fedtail.models import load_arrays
 from server.adjustments import Adjustment
+
+LogitsFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+"""Logits of a batch under a model, computed another way than ``model(x)`` (a continual method's head)."""
 
 #: metrics also reported for the adjusted model, as ``adjusted_<name>``
 ADJUSTED_KEYS = (
@@ -83,7 +87,7 @@ class Evaluator:
         self.batch_size = batch_size
 
     def predict(
-        self, arrays: ArrayRecord, seen: Sequence[int], adjusted: bool = False
+        self, arrays: ArrayRecord, seen: Sequence[int], adjusted: bool = False, head: LogitsFn | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Predictions among ``seen`` and the softmax over ``seen`` (columns in ``seen``'s order),
         computed with ``threads`` torch threads (None: torch's default).
@@ -96,18 +100,19 @@ class Evaluator:
         if self.threads is not None and self.threads != before:
             torch.set_num_threads(self.threads)
         try:
-            return self._predict(arrays, seen, adjusted)
+            return self._predict(arrays, seen, adjusted, head)
         finally:
             if torch.get_num_threads() != before:
                 torch.set_num_threads(before)
 
     @torch.no_grad()
     def _predict(
-        self, arrays: ArrayRecord, seen: Sequence[int], adjusted: bool
+        self, arrays: ArrayRecord, seen: Sequence[int], adjusted: bool, head: LogitsFn | None
     ) -> tuple[np.ndarray, np.ndarray]:
         load_arrays(self.model, arrays)
         adjust = self.adjustment if adjusted else None
-        model = adjust.model(self.model) if adjust else self.model
+        net = adjust.model(self.model) if adjust else self.model
+        model = net if head is None else functools.partial(head, net)
         seen_t = torch.as_tensor(list(seen), device=self.device)
         if adjust is not None and self.x_cal is not None:
             mask = np.isin(self.y_cal, list(seen))
@@ -121,17 +126,25 @@ class Evaluator:
             probas.append(torch.softmax(logits.double(), dim=1).cpu())
         return torch.cat(preds).numpy(), torch.cat(probas).numpy()
 
-    def evaluate(self, arrays: ArrayRecord, seen: Sequence[int], tasks: Sequence[Sequence[int]]) -> dict:
+    def evaluate(
+        self,
+        arrays: ArrayRecord,
+        seen: Sequence[int],
+        tasks: Sequence[Sequence[int]],
+        head: LogitsFn | None = None,
+    ) -> dict:
         """Metrics over the seen classes (classification, G-mean, head / medium / tail accuracy, ECE,
         macro one-vs-rest AUROC / AUPRC, the confusion matrix over ``seen``, each client's personalised
         accuracy and their mean / std / worst 10 %) plus accuracy on each task trained so far; with an
-        adjustment, also ``adjusted_<name>`` for `ADJUSTED_KEYS` and ``adjusted_confusion``."""
-        y_pred, proba = self.predict(arrays, seen)
+        adjustment, also ``adjusted_<name>`` for `ADJUSTED_KEYS` and ``adjusted_confusion``. ``head``:
+        how logits are computed from the model and a batch (a continual method's head, e.g. nearest
+        class means); None: the model's own."""
+        y_pred, proba = self.predict(arrays, seen, head=head)
         out = self._scores(y_pred, proba, seen)
         out["task_accuracies"] = task_accuracies(self.y, y_pred, tasks)
         out.update(old_new_accuracies(self.y, y_pred, tasks))
         if self.adjustment is not None:
-            adjusted = self._scores(*self.predict(arrays, seen, adjusted=True), seen)
+            adjusted = self._scores(*self.predict(arrays, seen, adjusted=True, head=head), seen)
             out.update({f"adjusted_{k}": adjusted[k] for k in ADJUSTED_KEYS if k in adjusted})
             out["adjusted_confusion"] = adjusted["confusion"]
         return out

@@ -202,6 +202,7 @@ class RunRecorder:
         self.tasks_done = 0
         self.arrays: ArrayRecord | None = None
         self.task_arrays: ArrayRecord | None = None  # the model at the end of the last finished task
+        self.task_head: dict[str, np.ndarray] = {}  # the continual method's head as of that task's end
         self.task_rows: list[dict] = []  # tasks.csv: one row per finished task
         self.client_info: dict[int, dict] = {}
         self.client_states: dict[int, bytes] = {}
@@ -222,6 +223,7 @@ class RunRecorder:
         self.arrays = None if state["arrays"] is None else ArrayRecord(state["arrays"])
         task_arrays = state.get("task_arrays")
         self.task_arrays = None if task_arrays is None else ArrayRecord(task_arrays)
+        self.task_head = {k: v.numpy() for k, v in state.get("task_head", {}).items()}
         self.task_rows = json_from_tensor(state["task_rows"]) if "task_rows" in state else []
         self.client_info = state["client_info"]
         self.client_states = state["client_states"]
@@ -243,13 +245,17 @@ class RunRecorder:
         self._checkpoint()
         self._write_rounds()
 
-    def end_task(self, task: int, result: dict, arrays: ArrayRecord) -> None:
-        """Record the end-of-task evaluation ``result`` (`Evaluator.evaluate` over the tasks so far) and
-        the model ``arrays`` the task ended with (the next task's `task_arrays`)."""
+    def end_task(
+        self, task: int, result: dict, arrays: ArrayRecord, head: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """Record the end-of-task evaluation ``result`` (`Evaluator.evaluate` over the tasks so far), the
+        model ``arrays`` the task ended with (the next task's `task_arrays`) and the continual method's
+        ``head`` (`task_head`)."""
         accuracies = result["task_accuracies"]
         self.acc_matrix[task, : len(accuracies)] = accuracies
         self.tasks_done = task + 1
         self.arrays = self.task_arrays = arrays  # what the next task starts from (after any server step)
+        self.task_head = dict(head or {})
         info = [i for i in self.client_info.values() if P.MEMORY_SAMPLES in i]
         self.task_rows.append(
             {
@@ -274,6 +280,7 @@ class RunRecorder:
             "tasks_done": self.tasks_done,
             "arrays": None if self.arrays is None else to_state_dict(self.arrays),
             "task_arrays": None if self.task_arrays is None else to_state_dict(self.task_arrays),
+            "task_head": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.task_head.items()},
             "task_rows": json_tensor(self.task_rows),
             "client_info": json_tensor(sorted(self.client_info.items())),
             "client_states": pack_states(self.client_states),

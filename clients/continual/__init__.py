@@ -5,20 +5,33 @@ A method hooks the client's local training at task boundaries and inside each st
 and tasks in the client's persistent state (``ctx.state``, Flower's ``context.state``). It sees all of the
 client's data (``ctx.data``: exemplars are chosen from it) and, if it declares `uses_previous_model`, the
 global model as it was at the end of the previous task (``ctx.previous_model``), which the server sends.
+
+Methods that need the server to know something about the clients' data once a task is done (iCaRL's
+class means, BiC's bias layer, a prototype classifier's class statistics) declare `statistics_rounds`:
+the server then sends every client the end-of-task model, each client returns sums (`task_statistics`),
+the server adds them up over clients and turns them into the method's *head* (`head_from_statistics`),
+which the end-of-task and final evaluations score through (`evaluation_logits`). Only sums travel, never
+samples; the head is checkpointed with the run and sent to the clients with the next task's messages.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
 from fedtail.registry import PluginOptions
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from clients.local import LocalContext
     from fedtail.config import FedtailConfig
+
+Head = dict[str, np.ndarray]
+"""A method's server-side state: named arrays (class means, bias parameters); empty by default."""
 
 
 class ContinualMethod:
@@ -36,6 +49,9 @@ class ContinualMethod:
     """True: from task 1 on, every train message carries the end-of-previous-task global model (one
     model more per message), as ``ctx.previous_model``; the same teacher for every client, whichever
     round of the task it is first sampled in."""
+
+    statistics_rounds: ClassVar[int] = 0
+    """End-of-task exchanges with every client (after `end_task_on_server`); 0: none."""
 
     @classmethod
     def check_config(cls, cfg: FedtailConfig) -> str | None:
@@ -83,6 +99,33 @@ class ContinualMethod:
         starts from it (WA's weight aligning). ``old``: classes of the earlier tasks; ``new``: the
         task's. Runs on the server; the identity by default."""
         return arrays
+
+    def task_statistics(self, head: Head, exchange: int) -> Head:
+        """Client side of end-of-task exchange ``exchange``: arrays the server adds up over clients
+        (per-class sums and counts, sample-weighted parameters). ``ctx.model`` is the end-of-task global
+        model (frozen); ``ctx`` is otherwise the task's, with the client's state read-only (changes to
+        it are not kept). ``head``: the server's head so far (for exchange 0, the previous task's)."""
+        return {}
+
+    @classmethod
+    def head_from_statistics(
+        cls, sums: Head, head: Head, exchange: int, *, arrays: ArrayRecord, old: list[int], new: list[int]
+    ) -> tuple[ArrayRecord, Head]:
+        """Server side of an exchange: the model and head from the clients' summed statistics (float64,
+        added in partition order). The model returned is what is evaluated and what the next task
+        starts from; the head is what `evaluation_logits` reads."""
+        return arrays, head
+
+    @classmethod
+    def evaluation_logits(cls, model: nn.Module, x: torch.Tensor, head: Head) -> torch.Tensor:
+        """Logits the end-of-task and final evaluations score (nearest-mean scores, bias-corrected
+        logits); within a task's rounds the model's own logits are scored. Default: ``model(x)``."""
+        return model(x)
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The end-of-previous-task model's logits, as distillation's teacher sees them: the model's own
+        by default; a method with a head applies it (BiC's old model includes its bias layer)."""
+        return self.ctx.previous_model(x)
 
     @classmethod
     def memory_footprint(cls, ctx: LocalContext) -> tuple[int, int]:

@@ -14,6 +14,7 @@ teacher.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,15 +36,21 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 
 
 def old_class_distillation(
-    ctx: LocalContext, old: list[int], logits: torch.Tensor, x: torch.Tensor, temperature: float
+    ctx: LocalContext,
+    old: list[int],
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    temperature: float,
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """`distillation_loss` of the current logits of the ``old`` classes towards the end-of-previous-task
-    model's on the same samples; None when there is nothing to distil."""
+    model's on the same samples (``teacher``: its logits, default ``ctx.previous_model``); None when
+    there is nothing to distil."""
     if not old or not len(x):
         return None
     columns = torch.as_tensor(old, device=logits.device)
     with torch.no_grad():
-        teacher = ctx.previous_model(x)[:, columns]
+        teacher = (ctx.previous_model if teacher is None else teacher)(x)[:, columns]
     return distillation_loss(logits[:, columns], teacher, temperature)
 
 
