@@ -271,13 +271,14 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
     stages = [(FL, rounds)] + ([(CRT, cfg.crt.rounds)] if cfg.crt.rounds else [])
     method = CONTINUAL.get(cfg.continual.method)
     participation = cfg.participation()
+    exchanges = method.statistics_rounds(cfg)
 
     for t in range(recorder.tasks_done, n_tasks):
         seen = schedule.seen_classes(t)
         offset = 0  # rounds of this task before the stage
         previous = recorder.task_arrays if method.uses_previous_model and t > 0 else None
         strategy.extra_records = {} if previous is None else {P.PREVIOUS_ARRAYS: previous}
-        if previous is not None and method.statistics_rounds:
+        if previous is not None and exchanges:
             strategy.extra_records[P.PREVIOUS_HEAD] = head_record(recorder.task_head)
         strategy.present = None if participation is None else np.flatnonzero(participation[:, t]).tolist()
         for stage, stage_rounds in stages:
@@ -316,7 +317,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
         old = [c for task in schedule.tasks[:t] for c in task]
         arrays = method.end_task_on_server(arrays, old, list(schedule.tasks[t]))
         head = recorder.task_head
-        for exchange in range(method.statistics_rounds):
+        for exchange in range(exchanges):
             config = ConfigRecord(
                 {
                     P.JOB: job.to_json(),
@@ -334,13 +335,13 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
             arrays, head = method.head_from_statistics(
                 sums, head, exchange, arrays=arrays, old=old, new=list(schedule.tasks[t])
             )
-        logits = functools.partial(method.evaluation_logits, head=head) if method.statistics_rounds else None
+        logits = functools.partial(method.evaluation_logits, head=head) if exchanges else None
         result = evaluator.evaluate(arrays, seen, schedule.tasks[: t + 1], head=logits)
         recorder.end_task(t, result, arrays, head)
 
     last = schedule.num_tasks - 1
     logits = None
-    if method.statistics_rounds:
+    if exchanges:
         logits = functools.partial(method.evaluation_logits, head=recorder.task_head)
     final = evaluator.evaluate(arrays, schedule.seen_classes(last), schedule.tasks, head=logits)
     return recorder.finish(to_state_dict(arrays), final)

@@ -7,7 +7,7 @@ client's data (``ctx.data``: exemplars are chosen from it) and, if it declares `
 global model as it was at the end of the previous task (``ctx.previous_model``), which the server sends.
 
 Methods that need the server to know something about the clients' data once a task is done (iCaRL's
-class means, BiC's bias layer, a prototype classifier's class statistics) declare `statistics_rounds`:
+class means, BiC's bias layer, a prototype classifier's class statistics) return `statistics_rounds`:
 the server then sends every client the end-of-task model, each client returns sums (`task_statistics`),
 the server adds them up over clients and turns them into the method's *head* (`head_from_statistics`),
 which the end-of-task and final evaluations score through (`evaluation_logits`). Only sums travel, never
@@ -50,8 +50,10 @@ class ContinualMethod:
     model more per message), as ``ctx.previous_model``; the same teacher for every client, whichever
     round of the task it is first sampled in."""
 
-    statistics_rounds: ClassVar[int] = 0
-    """End-of-task exchanges with every client (after `end_task_on_server`); 0: none."""
+    @classmethod
+    def statistics_rounds(cls, cfg: FedtailConfig) -> int:
+        """End-of-task exchanges with every client (after `end_task_on_server`); 0: none."""
+        return 0
 
     @classmethod
     def check_config(cls, cfg: FedtailConfig) -> str | None:

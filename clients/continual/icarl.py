@@ -61,7 +61,9 @@ def nearest_mean_scores(features: torch.Tensor, means: torch.Tensor) -> torch.Te
 
 @CONTINUAL.register("icarl")
 class ICaRL(Replay):
-    statistics_rounds = 1
+    @classmethod
+    def statistics_rounds(cls, cfg) -> int:
+        return 1
 
     def extra_loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         old = sorted(set(self.ctx.seen_classes) - set(self.ctx.task_classes))
