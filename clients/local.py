@@ -252,7 +252,7 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
     if fy is not None:
         fy = fy.to(ctx.device)
     objective.begin()
-    optimizer = make_optimizer(model, ctx.job, cfg.train.lr * objective.lr_scale())
+    optimizer = make_optimizer(model, ctx.job, cfg.train.lr * objective.lr_scale() * method.lr_scale())
     generator = torch.Generator().manual_seed(seed)
     bs = cfg.train.batch_size
     total, steps = 0.0, 0

@@ -78,6 +78,11 @@ class ContinualMethod:
         """Factor on the objective's loss before `extra_loss` is added (WA's ``1 - lambda``). 1.0: none."""
         return 1.0
 
+    def lr_scale(self) -> float:
+        """Factor on ``train.lr`` for this method's local training (a loss on another scale than
+        cross-entropy's, as GLFC's class-averaged binary cross-entropy). 1.0: none."""
+        return 1.0
+
     def objective_classes(self) -> list[int] | None:
         """The classes whose logits the objective's loss sees (the others are masked out of it, so it
         neither raises nor lowers them); None: every class. Methods that model the new task as its own
