@@ -272,6 +272,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
     method = CONTINUAL.get(cfg.continual.method)
     participation = cfg.participation()
     exchanges = method.statistics_rounds(cfg)
+    options = method.Options.model_validate(cfg.continual.options)
 
     for t in range(recorder.tasks_done, n_tasks):
         seen = schedule.seen_classes(t)
@@ -333,7 +334,7 @@ def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | No
                 grid, node_of, arrays, head, config, strategy.extra_records, cfg.engine.timeout
             )
             arrays, head = method.head_from_statistics(
-                sums, head, exchange, arrays=arrays, old=old, new=list(schedule.tasks[t])
+                sums, head, exchange, arrays=arrays, old=old, new=list(schedule.tasks[t]), options=options
             )
         logits = functools.partial(method.evaluation_logits, head=head) if exchanges else None
         result = evaluator.evaluate(arrays, seen, schedule.tasks[: t + 1], head=logits)

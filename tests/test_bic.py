@@ -59,7 +59,9 @@ def test_newton_exchanges_reach_the_optimum_of_the_pooled_validation_loss() -> N
             "loss": np.array([sum(t[2] for t in terms)]),
             "weight": np.array([float(n)]),
         }
-        _, head = BiC.head_from_statistics(sums, head, exchange, arrays=None, old=[0, 1], new=[2, 3])
+        _, head = BiC.head_from_statistics(
+            sums, head, exchange, arrays=None, old=[0, 1], new=[2, 3], options=BiC.Options()
+        )
     pooled = (torch.cat([lg for lg, _ in splits]), torch.cat([y for _, y in splits]))
     best = minimize(_pooled_loss, x0=[1.0, 0.0], args=(*pooled, corrected), method="BFGS", tol=1e-12).x
     np.testing.assert_allclose(parameters(head), best, atol=1e-5)
@@ -70,9 +72,13 @@ def test_newton_exchanges_reach_the_optimum_of_the_pooled_validation_loss() -> N
 
 def test_no_correction_at_the_first_task_or_without_a_split() -> None:
     sums = {"gradient": np.ones(2), "hessian": np.eye(2), "loss": np.zeros(1), "weight": np.array([5.0])}
-    assert BiC.head_from_statistics(sums, {}, 0, arrays=None, old=[], new=[0, 1])[1] == {}
+    assert (
+        BiC.head_from_statistics(sums, {}, 0, arrays=None, old=[], new=[0, 1], options=BiC.Options())[1] == {}
+    )
     sums["weight"] = np.zeros(1)
-    assert BiC.head_from_statistics(sums, {}, 0, arrays=None, old=[0], new=[1])[1] == {}
+    assert (
+        BiC.head_from_statistics(sums, {}, 0, arrays=None, old=[0], new=[1], options=BiC.Options())[1] == {}
+    )
 
 
 @pytest.mark.parametrize(("kept", "held"), [(1, 0), (2, 1), (10, 1), (20, 2), (35, 3)])

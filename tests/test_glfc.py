@@ -77,3 +77,8 @@ def test_the_method_scores_the_seen_classes_and_replaces_the_objective() -> None
 def test_glfc_refuses_another_objective() -> None:
     with pytest.raises(ConfigError, match="train.objective='focal'.*allowed: ce"):
         build_config({"continual": {"method": "glfc"}, "train": {"objective": "focal"}})
+
+
+def test_glfc_refuses_synthetic_oversampling() -> None:
+    with pytest.raises(ConfigError, match="train.oversample='smote'.*allowed: none"):
+        build_config({"continual": {"method": "glfc"}, "train": {"oversample": "smote"}})

@@ -67,7 +67,9 @@ def test_class_means_from_two_clients_are_the_mean_of_all_their_exemplars() -> N
         assert sorted(np.bincount(memory.labels).tolist()) == [5, 5, 5, 5]  # 20 slots over 4 classes
         kept.append((data, memory))
     total = {k: sums[0][k] + sums[1][k] for k in sums[0]}
-    _, head = ICaRL.head_from_statistics(total, {}, 0, arrays=to_arrays(model), old=[0, 1], new=[2, 3])
+    _, head = ICaRL.head_from_statistics(
+        total, {}, 0, arrays=to_arrays(model), old=[0, 1], new=[2, 3], options=ICaRL.Options()
+    )
     for c in range(4):
         phi = np.concatenate(
             [features_of(model, d.x[m.indices[m.labels == c]], torch.device("cpu")) for d, m in kept]
@@ -110,3 +112,17 @@ def test_the_statistics_exchange_gives_the_same_run_on_every_engine(project, eng
             assert other[key] == pytest.approx(value, abs=1e-6), key
         else:
             assert other[key] == value, key
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ({"evaluation": {"adjustment": "posthoc_la"}}, "evaluation.adjustment='posthoc_la'"),
+        ({"crt": {"rounds": 1}}, "crt.rounds=1"),
+    ],
+)
+def test_icarl_refuses_what_nearest_means_would_ignore(override: dict, match: str) -> None:
+    from fedtail.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        build_config({"continual": {"method": "icarl"}, **override})

@@ -151,7 +151,17 @@ def test_replay_and_joint_forget_less_than_finetune(project: Path) -> None:
 
 @pytest.mark.parametrize(
     ("method", "crash_at"),
-    [("replay", 3), ("ewc", 2), ("wa", 2), ("lwf", 3), ("derpp", 3), ("icarl", 2), ("bic", 2), ("glfc", 3)],
+    [
+        ("replay", 3),
+        ("ewc", 2),
+        ("wa", 2),
+        ("lwf", 3),
+        ("derpp", 3),
+        ("icarl", 2),
+        ("bic", 2),
+        ("glfc", 3),
+        ("prototype", 2),
+    ],
 )
 def test_a_crashed_continual_run_resumes_to_the_same_result(
     project: Path, method: str, crash_at: int
@@ -172,7 +182,9 @@ def test_a_crashed_continual_run_resumes_to_the_same_result(
         assert (run_dir / name).read_text() == (ref_dir / name).read_text(), name
 
 
-@pytest.mark.parametrize("method", ["replay", "ewc", "lwf", "wa", "derpp", "icarl", "bic", "glfc"])
+@pytest.mark.parametrize(
+    "method", ["replay", "ewc", "lwf", "wa", "derpp", "icarl", "bic", "glfc", "prototype"]
+)
 def test_methods_that_act_across_tasks_refuse_a_single_task(method: str) -> None:
     with pytest.raises(ConfigError, match="acts from the second task on, but the schedule has one task"):
         build_config({"continual": {"method": method}, "tasks": {"classes_per_task": None}})

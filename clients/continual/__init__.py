@@ -116,11 +116,19 @@ class ContinualMethod:
 
     @classmethod
     def head_from_statistics(
-        cls, sums: Head, head: Head, exchange: int, *, arrays: ArrayRecord, old: list[int], new: list[int]
+        cls,
+        sums: Head,
+        head: Head,
+        exchange: int,
+        *,
+        arrays: ArrayRecord,
+        old: list[int],
+        new: list[int],
+        options: PluginOptions,
     ) -> tuple[ArrayRecord, Head]:
         """Server side of an exchange: the model and head from the clients' summed statistics (float64,
         added in partition order). The model returned is what is evaluated and what the next task
-        starts from; the head is what `evaluation_logits` reads."""
+        starts from; the head is what `evaluation_logits` reads. ``options``: the method's, validated."""
         return arrays, head
 
     @classmethod

@@ -191,7 +191,7 @@ class BiC(Replay):
         return {GRADIENT: grad, HESSIAN: hess, LOSS: np.array([loss]), WEIGHT: np.array([float(held.size)])}
 
     @classmethod
-    def head_from_statistics(cls, sums, head, exchange, *, arrays, old, new):
+    def head_from_statistics(cls, sums, head, exchange, *, arrays, old, new, options):
         """A Newton step from the head's (alpha, beta) on the pooled loss; the identity at the first
         task (nothing to correct) or when no client holds a split."""
         n = float(sums[WEIGHT][0])

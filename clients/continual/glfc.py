@@ -91,6 +91,12 @@ class GLFC(Replay):
                 "continual.method='glfc' trains with its own loss (gradient-compensated binary "
                 f"cross-entropy), which replaces train.objective={cfg.train.objective!r}; allowed: ce"
             )
+        if cfg.train.oversample != "none":
+            return (
+                f"continual.method='glfc' trains with its own loss, which the synthetic features of "
+                f"train.oversample={cfg.train.oversample!r} (seen by the objective only) would not reach; "
+                "allowed: none"
+            )
         return None
 
     def __init__(self, ctx) -> None:

@@ -65,6 +65,24 @@ class ICaRL(Replay):
     def statistics_rounds(cls, cfg) -> int:
         return 1
 
+    @classmethod
+    def check_config(cls, cfg) -> str | None:
+        """Nearest-mean classification reads features, not the classifier: an evaluation-time logit
+        adjustment or a classifier re-training stage would change nothing it scores."""
+        if (problem := super().check_config(cfg)) is not None:
+            return problem
+        if cfg.evaluation.adjustment != "none":
+            return (
+                "continual.method='icarl' classifies by nearest class means, which evaluation.adjustment="
+                f"{cfg.evaluation.adjustment!r} cannot adjust; allowed: none"
+            )
+        if cfg.crt.rounds:
+            return (
+                f"continual.method='icarl' classifies by nearest class means, so crt.rounds={cfg.crt.rounds} "
+                "would retrain a classifier it never uses; allowed: 0"
+            )
+        return None
+
     def extra_loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         old = sorted(set(self.ctx.seen_classes) - set(self.ctx.task_classes))
         if not old or not len(x):
@@ -91,7 +109,7 @@ class ICaRL(Replay):
         return {MEANS: sums, COUNTS: np.bincount(memory.labels, minlength=classes).astype(np.float64)}
 
     @classmethod
-    def head_from_statistics(cls, sums, head, exchange, *, arrays, old, new):
+    def head_from_statistics(cls, sums, head, exchange, *, arrays, old, new, options):
         counts = sums[COUNTS]
         means = sums[MEANS] / np.maximum(counts, 1)[:, None]
         return arrays, {"class-means": normalise(means), COUNTS: counts}
