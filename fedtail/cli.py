@@ -84,13 +84,57 @@ def _mode(args: argparse.Namespace) -> runs.Mode:
     return runs.Mode.from_flags(bool(getattr(args, "resume", None)), getattr(args, "overwrite", False))
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedtail")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _epilog() -> str:
+    """Examples and the presets in ``configs/`` with the first line of their comment."""
+    lines = [
+        "examples:",
+        "  fedtail run                                  the default experiment (params.yaml) on digits",
+        "  fedtail run --set continual.method=icarl --set partition.alpha=0.1",
+        "  fedtail run --config configs/smoke.yaml      a preset (below)",
+        "  fedtail run --resume RUN_ID                  continue an interrupted run",
+        "  fedtail sweep benchmarks/sweeps/cil-digits-fed.yaml",
+        "  fedtail list continual                       the continual methods, their papers and options",
+    ]
+    presets = sorted(Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+    if presets:
+        lines += ["", "presets (--config):"]
+        for path in presets:
+            first = next(
+                (ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), ""
+            )
+            lines.append(f"  {str(path):<28} {first}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedtail",
         description="Federated and continual learning on imbalanced data "
         "(DVC data -> Prefect flow -> Flower federation -> report).",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"fedtail {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    from fedtail.catalog import KINDS
+
+    p = sub.add_parser(
+        "list",
+        help="what is available: datasets, partitioners, models, objectives, strategies, continual "
+        "methods, adjustments, engines (one line each, paper, options with defaults)",
+        description="Every registered plug-in with a one-line description, the paper it implements and "
+        "its options with defaults; read from the registries.",
+    )
+    p.add_argument("kind", nargs="?", choices=[*KINDS, "all"], default="all", help="one kind (default: all)")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
@@ -151,6 +195,11 @@ def _config(args: argparse.Namespace) -> FedtailConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "list":
+        from fedtail.catalog import KINDS, render
+
+        print(render(list(KINDS) if args.kind == "all" else [args.kind]), end="")
+        return 0
     _setup_logging()
     if args.verbose:
         args.overrides.append("engine.verbose=true")
