@@ -48,7 +48,7 @@ def _setup_logging() -> None:
     log.propagate = False
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, federation: bool) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG_FILE, help="YAML config (default: %(default)s)")
     p.add_argument(
         "--set",
@@ -59,9 +59,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="override one config field, e.g. --set partition.alpha=0.1 (repeatable)",
     )
     p.add_argument("--root", default=".", help="project root holding data/, data.dvc (default: .)")
-    p.add_argument(
-        "-v", "--verbose", action="store_true", help="also show Flower's own log lines (engine.verbose=true)"
-    )
+    if federation:  # only the commands that run Flower have its log lines to show
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="also show Flower's own log lines (engine.verbose=true)",
+        )
 
 
 def _run_id_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -138,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
-        _common(p)
+        _common(p, federation=name in ("run", "serve", "simulate", "sweep"))
         return p
 
     p = command(
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render(list(KINDS) if args.kind == "all" else [args.kind]), end="")
         return 0
     _setup_logging()
-    if args.verbose:
+    if getattr(args, "verbose", False):
         args.overrides.append("engine.verbose=true")
     root = Path(args.root)
     from fedtail import pipeline

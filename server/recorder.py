@@ -357,7 +357,7 @@ class RunRecorder:
             {
                 "partition_id": pid,
                 **({} if per_client is None else {"accuracy": float(per_client[pid])}),
-                **self.client_info.get(pid, {}),
+                **{k: v for k, v in self.client_info.get(pid, {}).items() if k != P.PARTITION_ID},
             }
             for pid in pids
         ]
