@@ -267,9 +267,13 @@ def _train(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> str:
     from fedtail import pipeline
 
     if args.command == "simulate":
+        from fedtail.progress import RoundProgress
+
         staged = pipeline.stage(cfg, root)
         parts = pipeline.partition(cfg, staged, root)
-        return str(pipeline.simulate(cfg, staged, parts, pipeline.new_run_dir(cfg, root), mode=_mode(args)))
+        run_dir = pipeline.new_run_dir(cfg, root)
+        with RoundProgress(cfg.num_tasks * cfg.task_rounds, cfg.num_tasks, cfg.task_rounds) as bar:
+            return str(pipeline.simulate(cfg, staged, parts, run_dir, on_round=bar.update, mode=_mode(args)))
     from fedtail.prefect_server import temporary_server
     from flows.pipeline import fl_pipeline
 

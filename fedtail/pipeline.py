@@ -74,22 +74,44 @@ def new_run_dir(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
     return runs.run_path(io.under(root, cfg.output.runs_dir), cfg.output.run_id or runs.new_run_id(cfg))
 
 
+class _ExpectedWarnings(logging.Filter):
+    """Drops Flower's warning that federated evaluation is off: fedtail evaluates the global model on
+    the server after every round by design (``fraction_evaluate=0``), so the line only misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Federated evaluation will be skipped" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def flower_logs(verbose: bool) -> Iterator[None]:
     """Flower logs every round's full ConfigRecord at INFO; keep it to warnings unless asked.
 
-    Also stop Flower's records from reaching the root logger: Flower prints through its own handler,
-    and Prefect's root handler would print each line a second time.
+    Also stop Flower's records from reaching the root logger (Flower prints through its own handler,
+    and Prefect's root handler would print each line a second time), drop its warning about federated
+    evaluation, and colour its level names only on a terminal: piped into a file or ``dvc exp run``'s
+    output they were escape codes.
     """
     logger = logging.getLogger("flwr")
     level, propagate = logger.level, logger.propagate
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
+    expected = _ExpectedWarnings()
+    colours = {}
+    for handler in logger.handlers:
+        handler.addFilter(expected)
+        if hasattr(handler, "colored"):
+            colours[handler] = handler.colored
+            stream = getattr(handler, "stream", None)
+            handler.colored = bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
     try:
         yield
     finally:
         logger.setLevel(level)
         logger.propagate = propagate
+        for handler in logger.handlers:
+            handler.removeFilter(expected)
+        for handler, colored in colours.items():
+            handler.colored = colored
 
 
 def check_run_target(cfg: FedtailConfig, run_dir: Path, mode: runs.Mode) -> None:

@@ -31,6 +31,7 @@ from prefect.runtime import flow_run
 from fedtail import pipeline, runs
 from fedtail.config import FedtailConfig, check_paths, load_config
 from fedtail.partition import partition_problems
+from fedtail.progress import ROUND_RECORD, RoundProgress, round_description
 from fedtail.report import rounds_table, summary_markdown
 from fedtail.staging import check_versioned, ensure_raw, staged_problems
 
@@ -111,11 +112,10 @@ def round_progress(row: dict[str, Any], total_rounds: int) -> float:
 
 
 def round_message(row: dict[str, Any], num_tasks: int, rounds_per_task: int) -> str:
-    stage = " (cRT)" if row.get("stage") == "crt" else ""
     return (
-        f"task {int(row['task']) + 1}/{num_tasks} round {int(row['round'])}/{rounds_per_task}{stage} "
+        f"{round_description(row, num_tasks, rounds_per_task)} "
         f"balanced_acc={float(row['balanced_accuracy']):.4f} acc={float(row['accuracy']):.4f} "
-        f"macro_f1={float(row['macro_f1']):.4f}"
+        f"macro_f1={float(row['macro_f1']):.4f} loss={float(row['train_loss']):.4f}"
     )
 
 
@@ -149,13 +149,15 @@ def simulate_task(
     )
 
     def on_round(row: dict[str, Any]) -> None:
-        logger.info(round_message(row, num_tasks, rounds))
+        logger.info(round_message(row, num_tasks, rounds), extra={ROUND_RECORD: True})
+        bar.update(row)
         try:
             update_progress_artifact(progress_id, round_progress(row, total))
         except Exception as err:  # a UI progress bar must never stop hours of training
             logger.warning("progress artifact not updated: %s", err)
 
-    return pipeline.simulate(cfg, staged_dir, partition_dir, run_dir, on_round, mode)
+    with RoundProgress(total, num_tasks, rounds) as bar:
+        return pipeline.simulate(cfg, staged_dir, partition_dir, run_dir, on_round, mode)
 
 
 @task(name="report", cache_policy=NO_CACHE, persist_result=False)

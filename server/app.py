@@ -38,6 +38,7 @@ from fedtail.models import (
     to_state_dict,
 )
 from fedtail.partition import labeled_class_counts, load_schedule
+from fedtail.progress import ROUND_RECORD
 from fedtail.registry import ADJUSTMENTS, CONTINUAL, STRATEGIES
 from fedtail.staging import load_staged, staged_meta
 from fedtail.tasks import TaskSchedule
@@ -220,7 +221,7 @@ def evaluate_round(
     }
     context.recorder.record_round(row, arrays)
     log.info(
-        "task %d/%d round %d/%d%s  balanced_acc=%.4f  acc=%.4f  macro_f1=%.4f",
+        "task %d/%d round %d/%d%s  balanced_acc=%.4f  acc=%.4f  macro_f1=%.4f  loss=%.4f",
         t + 1,
         schedule.num_tasks,
         r,
@@ -229,6 +230,8 @@ def evaluate_round(
         res["balanced_accuracy"],
         res["accuracy"],
         res["macro_f1"],
+        row["train_loss"],
+        extra={ROUND_RECORD: True},  # a terminal progress bar shows the round instead
     )
     if context.on_round is not None:
         context.on_round(dict(row, num_tasks=schedule.num_tasks, rounds_per_task=cfg.task_rounds))

@@ -105,11 +105,12 @@ def test_round_progress_and_message() -> None:
         "balanced_accuracy": 0.51234,
         "accuracy": 0.6,
         "macro_f1": 0.25,
+        "train_loss": 0.75,
     }
     assert round_progress(row, total_rounds=8) == pytest.approx(75.0)
     assert round_progress({**row, "global_round": 9}, total_rounds=8) == 100.0
     assert round_message(row, num_tasks=2, rounds_per_task=4) == (
-        "task 2/2 round 2/4 balanced_acc=0.5123 acc=0.6000 macro_f1=0.2500"
+        "task 2/2 round 2/4 balanced_acc=0.5123 acc=0.6000 macro_f1=0.2500 loss=0.7500"
     )
 
 
