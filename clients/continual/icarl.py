@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from clients.continual import Head
 from clients.continual.memory import features_of, update_memory
-from clients.continual.replay import Replay
+from clients.continual.replay import MemoryOptions, Replay
 from fedtail.registry import CONTINUAL
 
 MEANS, COUNTS = "feature-sums", "counts"
@@ -61,6 +61,8 @@ def nearest_mean_scores(features: torch.Tensor, means: torch.Tensor) -> torch.Te
 
 @CONTINUAL.register("icarl")
 class ICaRL(Replay):
+    Options = MemoryOptions
+
     @classmethod
     def statistics_rounds(cls, cfg) -> int:
         return 1
