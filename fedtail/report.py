@@ -107,11 +107,38 @@ def final_recall(rounds: pd.DataFrame) -> pd.Series:
     return last
 
 
+UI_COLUMNS = (
+    "task", "stage", "round", "global_round", "balanced_accuracy", "accuracy", "macro_f1", "train_loss",
+    "old_class_accuracy", "new_class_accuracy", "g_mean", "tail_accuracy", "num_clients", "num_failed",
+    "num_rejected",
+)  # fmt: skip
+"""The per-round columns a UI table shows (besides each class's recall)."""
+
+
+def ui_rounds(rows: Sequence[dict[str, Any]], digits: int = 4) -> list[dict[str, Any]]:
+    """Per-round rows for a UI table: tasks and rounds 1-based as in the log, numbers rounded to
+    ``digits``, the per-class recalls kept (``recall_<class>``), precisions and adjusted metrics left to
+    rounds.csv; NaN as None (JSON-safe)."""
+    out = []
+    for row in rows:
+        item: dict[str, Any] = {}
+        for key, value in row.items():
+            if key not in UI_COLUMNS and not key.startswith(RECALL_PREFIX):
+                continue
+            if key in ("task", "round", "global_round"):
+                value = int(value) + (1 if key == "task" else 0)
+            elif isinstance(value, float | np.floating):
+                value = None if math.isnan(value) else round(float(value), digits)
+            elif isinstance(value, np.integer):
+                value = int(value)
+            item[key] = value
+        out.append(item)
+    return out
+
+
 def rounds_table(run_dir: Path) -> list[dict[str, Any]]:
-    """``rounds.csv`` rows without the per-class recalls, NaN as None (JSON-safe, e.g. for a UI table)."""
-    rounds = read_rounds(run_dir)
-    frame = rounds[[c for c in rounds.columns if not c.startswith(RECALL_PREFIX)]]
-    return [{k: None if _isnan(v) else v for k, v in row.items()} for row in frame.to_dict("records")]
+    """`ui_rounds` of the run's ``rounds.csv``."""
+    return ui_rounds(read_rounds(run_dir).to_dict("records"))
 
 
 def _isnan(value: Any) -> bool:
@@ -483,21 +510,40 @@ def write_plots(run_dir: Path) -> dict[str, Path]:
     return written
 
 
+PLOT_CAPTIONS = {
+    "balanced_accuracy": "Balanced accuracy and accuracy per round",
+    "per_class_recall": "Final per-class recall, head to tail",
+    "accuracy_matrix": "Accuracy matrix",
+    "partition": "Client x class partition",
+    "confusion_matrix": "Confusion matrix of the final model",
+    "old_new": "Old-class vs new-class accuracy per round",
+}
+
+
+def embedded_report_markdown(run_dir: Path) -> str:
+    """The report with its plots inlined as data URLs (PNG, base64): for a viewer that cannot follow
+    relative links, such as the Prefect UI's markdown artifacts. Reads the plots `write_report` wrote."""
+    import base64
+
+    run_dir = Path(run_dir)
+    parts = [summary_markdown(run_dir), "## Plots"]
+    for name, file in PLOT_FILES.items():
+        path = run_dir / PLOTS_DIR / file
+        if path.is_file():
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            parts.append(
+                f"### {PLOT_CAPTIONS[name]}\n\n![{PLOT_CAPTIONS[name]}](data:image/png;base64,{data})"
+            )
+    return "\n\n".join(parts) + "\n"
+
+
 def write_report(run_dir: Path) -> Path:
     """Write ``plots/*.png`` and ``report.md`` (summary plus relative image links); returns its path."""
     run_dir = Path(run_dir)
     summary = summary_markdown(run_dir)  # fails early, before any file is written, on a bad run folder
     plots = write_plots(run_dir)
-    captions = {
-        "balanced_accuracy": "Balanced accuracy and accuracy per round",
-        "per_class_recall": "Final per-class recall, head to tail",
-        "accuracy_matrix": "Accuracy matrix",
-        "partition": "Client x class partition",
-        "confusion_matrix": "Confusion matrix of the final model",
-        "old_new": "Old-class vs new-class accuracy per round",
-    }
     figures = [
-        f"### {captions[name]}\n\n![{captions[name]}]({path.relative_to(run_dir).as_posix()})"
+        f"### {PLOT_CAPTIONS[name]}\n\n![{PLOT_CAPTIONS[name]}]({path.relative_to(run_dir).as_posix()})"
         for name, path in plots.items()
     ]
     # Wall times stay in timing.json: the report is a reproducible artifact (dvc.lock hashes it).

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +33,21 @@ from fedtail import pipeline, runs
 from fedtail.config import FedtailConfig, check_paths, load_config
 from fedtail.partition import partition_problems
 from fedtail.progress import ROUND_RECORD, RoundProgress, round_description
-from fedtail.report import rounds_table, summary_markdown
+from fedtail.report import embedded_report_markdown, rounds_table, ui_rounds
 from fedtail.staging import check_versioned, ensure_raw, staged_problems
 
 log = logging.getLogger(__name__)
 
-REPORT_ARTIFACT = "fedtail-report"
-ROUNDS_ARTIFACT = "fedtail-rounds"
-PROGRESS_ARTIFACT = "fedtail-progress"
+TABLE_EVERY_SECONDS = 10.0
+"""The live per-round table artifact is re-sent at most this often (and at every task's end): each
+update sends the whole table, so updating it every round of a long run would grow quadratically."""
+
+
+def artifact_key(run_id: str, what: str) -> str:
+    """``fedtail-<run id>-<what>``: one key per run, so the Artifacts page keeps every run's progress,
+    table, config and report (Prefect keys: lowercase letters, digits, dashes)."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-") or "run"
+    return f"fedtail-{slug}-{what}"
 
 
 # ---- caching -------------------------------------------------------------------------------------
@@ -140,43 +148,76 @@ def partition_task(cfg: FedtailConfig, staged_dir: Path, root: Path) -> Path:
 def simulate_task(
     cfg: FedtailConfig, staged_dir: Path, partition_dir: Path, run_dir: Path, mode: runs.Mode = runs.Mode.NEW
 ) -> Path:
-    """Train; every round moves the progress artifact and logs one line to the Prefect run log."""
+    """Train; every round moves the progress artifact, logs one line to the Prefect run log, draws the
+    terminal bar and grows the per-round table artifact (at most every `TABLE_EVERY_SECONDS`)."""
     logger = get_run_logger()  # captured here: Flower may call on_round from its own thread
     num_tasks, rounds = cfg.num_tasks, cfg.task_rounds
     total = num_tasks * rounds
+    run_id = run_dir.name
     progress_id = create_progress_artifact(
-        0.0, key=PROGRESS_ARTIFACT, description=f"{run_dir.name}: rounds done of {total}"
+        0.0, key=artifact_key(run_id, "progress"), description=f"{run_id}: rounds done of {total}"
     )
+    table: list[dict[str, Any]] = []
+    if mode is runs.Mode.RESUME and (run_dir / "rounds.csv").is_file():
+        table = rounds_table(run_dir)  # the rounds before the crash (trimmed to the checkpoint below)
+    sent = [0.0]
 
     def on_round(row: dict[str, Any]) -> None:
         logger.info(round_message(row, num_tasks, rounds), extra={ROUND_RECORD: True})
         bar.update(row)
+        table[:] = [r for r in table if r["global_round"] < int(row["global_round"])]
+        table.extend(ui_rounds([row]))
         try:
             update_progress_artifact(progress_id, round_progress(row, total))
-        except Exception as err:  # a UI progress bar must never stop hours of training
-            logger.warning("progress artifact not updated: %s", err)
+            now = time.monotonic()
+            if now - sent[0] >= TABLE_EVERY_SECONDS or int(row["round"]) == rounds:
+                rounds_artifact(run_id, table)
+                sent[0] = now
+        except Exception as err:  # a UI artifact must never stop hours of training
+            logger.warning("progress artifacts not updated: %s", err)
 
     with RoundProgress(total, num_tasks, rounds) as bar:
         return pipeline.simulate(cfg, staged_dir, partition_dir, run_dir, on_round, mode)
 
 
+def rounds_artifact(run_id: str, rows: list[dict[str, Any]]) -> None:
+    create_table_artifact(
+        rows,
+        key=artifact_key(run_id, "rounds"),
+        description=f"{run_id}: metrics per round (tasks and rounds 1-based, as in the log; recall_<c>: "
+        "each class's recall)",
+    )
+
+
 @task(name="report", cache_policy=NO_CACHE, persist_result=False)
 def report_task(run_dir: Path) -> Path:
     report = pipeline.report(run_dir)
-    create_markdown_artifact(summary_markdown(run_dir), key=REPORT_ARTIFACT, description=str(report))
-    create_table_artifact(rounds_table(run_dir), key=ROUNDS_ARTIFACT, description="metrics per round")
+    run_id = run_dir.name
+    create_markdown_artifact(
+        embedded_report_markdown(run_dir), key=artifact_key(run_id, "report"), description=str(report)
+    )
+    rounds_artifact(run_id, rounds_table(run_dir))
     return report
 
 
 # ---- flow ----------------------------------------------------------------------------------------
+def run_name(config_path: str, overrides: dict[str, Any]) -> str:
+    """``<run id>: <preset> k=v, ...``: the run id and what differs from the default config (the preset
+    file, when not ``params.yaml``, and the overrides), so runs can be told apart in the UI's list."""
+    run_id = str(overrides.get("output.run_id") or "new run")
+    differs = [Path(config_path).stem] if Path(config_path).name != "params.yaml" else []
+    differs += [f"{k}={v}" for k, v in sorted(overrides.items()) if k != "output.run_id"]
+    name = f"{run_id}: {' '.join(differs)}" if differs else f"{run_id}: defaults"
+    return name if len(name) <= 120 else name[:119] + "…"
+
+
 def _run_name() -> str:
-    """``<dataset>-<strategy>-<continual method>``; never raises, so a bad config fails in the flow body."""
+    """`run_name` of the flow run's parameters; never raises, so a bad config fails in the flow body."""
     params = flow_run.parameters
     try:
-        cfg = load_config(params.get("config_path", "params.yaml"), params.get("overrides") or {})
+        return run_name(str(params.get("config_path", "params.yaml")), dict(params.get("overrides") or {}))
     except Exception:  # a name must not crash the run before the flow body reports the error
-        return "fedtail-invalid-config"
-    return f"{cfg.dataset.name}-{cfg.strategy.name}-{cfg.continual.method}"
+        return "fedtail-run"
 
 
 @flow(name="fedtail-pipeline", flow_run_name=_run_name)
@@ -199,6 +240,12 @@ def fl_pipeline(
     run_dir = pipeline.new_run_dir(cfg, root_dir)
     pipeline.check_run_target(cfg, run_dir, mode)
     check_versioned(cfg, root_dir)
+    create_markdown_artifact(
+        f"# Config of run `{run_dir.name}`\n\nResolved from `{config_path}` and the overrides "
+        f"`{json.dumps(overrides or {})}`:\n\n```yaml\n{cfg.to_yaml()}```\n",
+        key=artifact_key(run_dir.name, "config"),
+        description=f"{run_dir.name}: the resolved config",
+    )
     verify_data_task(cfg, root_dir)
     staged = stage_task(cfg, root_dir)
     parts = partition_task(cfg, staged, root_dir)

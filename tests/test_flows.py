@@ -6,6 +6,7 @@ result store, so nothing lands in ``~/.prefect``.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.filesystems import LocalFileSystem
@@ -25,9 +27,11 @@ from fedtail.config import ConfigError, load_config
 from flows.pipeline import (
     OutputDirCache,
     _location,
+    artifact_key,
     fl_pipeline,
     round_message,
     round_progress,
+    run_name,
 )
 from flows.serve import build_deployment, build_sweep_deployment
 
@@ -114,6 +118,15 @@ def test_round_progress_and_message() -> None:
     )
 
 
+def test_run_names_and_artifact_keys_tell_runs_apart() -> None:
+    assert run_name("params.yaml", {"output.run_id": "r1"}) == "r1: defaults"
+    assert (
+        run_name("configs/smoke.yaml", {"output.run_id": "r2", "train.lr": 0.1}) == "r2: smoke train.lr=0.1"
+    )
+    assert len(run_name("params.yaml", {"output.run_id": "r", "x": "y" * 300})) == 120
+    assert artifact_key("2026-12-02T10.00_Ab", "report") == "fedtail-2026-12-02t10-00-ab-report"
+
+
 def test_deployment_has_one_cron_schedule_per_entry(tmp_path: Path) -> None:
     config = tmp_path / "serve.yaml"
     config.write_text("serve: {name: nightly, cron: ['0 3 * * *', '30 12 * * 1-5']}\n")
@@ -181,6 +194,8 @@ def test_pipeline_runs_then_caches_data_steps(prefect_server: None, project: Pat
         "output.runs_dir": str(tmp_path / "runs"),
     }
 
+    names: dict[str, str] = {}
+
     def run(run_id: str) -> tuple[Path, dict[str, str]]:
         state = fl_pipeline(
             config_path=SMOKE,
@@ -189,9 +204,18 @@ def test_pipeline_runs_then_caches_data_steps(prefect_server: None, project: Pat
             return_state=True,
         )
         assert state.is_completed(), state
+        with get_client(sync_client=True) as client:
+            names[run_id] = client.read_flow_run(state.state_details.flow_run_id).name
         return Path(state.result()), task_states(state, expected=5)
 
     run_dir, states = run("first")
+    assert names["first"].startswith("first: smoke ") and "federation.num_clients=3" in names["first"]
+    report = Artifact.get(artifact_key("first", "report"))
+    assert report is not None and "data:image/png;base64," in str(report.data)  # the plots, inline
+    rows = json.loads(str(Artifact.get(artifact_key("first", "rounds")).data))
+    assert [(r["task"], r["round"]) for r in rows] == [(1, 1), (2, 1)]  # 1-based, as the log
+    assert "recall_0" in rows[0] and rows[0]["balanced_accuracy"] == round(rows[0]["balanced_accuracy"], 4)
+    assert "federation:" in str(Artifact.get(artifact_key("first", "config")).data)
     assert run_dir == tmp_path / "runs" / "first"
     for name in ("metrics.json", "rounds.csv", "report.md", "plots/balanced_accuracy.png"):
         assert (run_dir / name).is_file(), name
@@ -205,6 +229,8 @@ def test_pipeline_runs_then_caches_data_steps(prefect_server: None, project: Pat
 
     run_dir, states = run("second")
     assert (run_dir / "metrics.json").is_file()
+    assert Artifact.get(artifact_key("first", "report")) is not None  # each run keeps its own artifacts
+    assert Artifact.get(artifact_key("second", "report")) is not None
     assert states["stage"] == "Cached" and states["partition"] == "Cached"
     assert states["verify"] == "Completed"  # the data check itself is never cached
     assert states["simulate"] == "Completed" and states["report"] == "Completed"
