@@ -115,10 +115,11 @@ UI_COLUMNS = (
 """The per-round columns a UI table shows (besides each class's recall)."""
 
 
-def ui_rounds(rows: Sequence[dict[str, Any]], digits: int = 4) -> list[dict[str, Any]]:
-    """Per-round rows for a UI table: tasks and rounds 1-based as in the log, numbers rounded to
-    ``digits``, the per-class recalls kept (``recall_<class>``), precisions and adjusted metrics left to
-    rounds.csv; NaN as None (JSON-safe)."""
+def ui_rounds(rows: Sequence[dict[str, Any]], digits: int = 4, first_task: int = 1) -> list[dict[str, Any]]:
+    """Per-round rows for a UI table: numbers rounded to ``digits``, the per-class recalls kept
+    (``recall_<class>``), precisions and adjusted metrics left to rounds.csv; NaN as None (JSON-safe).
+    ``first_task``: how the rows number their first task (1: rounds.csv's rows, shown as they are; 0:
+    the server's own rows, shown from 1 as everywhere else)."""
     out = []
     for row in rows:
         item: dict[str, Any] = {}
@@ -126,7 +127,7 @@ def ui_rounds(rows: Sequence[dict[str, Any]], digits: int = 4) -> list[dict[str,
             if key not in UI_COLUMNS and not key.startswith(RECALL_PREFIX):
                 continue
             if key in ("task", "round", "global_round"):
-                value = int(value) + (1 if key == "task" else 0)
+                value = int(value) + (1 - first_task if key == "task" else 0)
             elif isinstance(value, float | np.floating):
                 value = None if math.isnan(value) else round(float(value), digits)
             elif isinstance(value, np.integer):
@@ -299,13 +300,13 @@ def summary_markdown(run_dir: Path) -> str:
     essentials = _config_essentials(read_config(run_dir))
     if essentials:
         parts += ["## Configuration", _table(["setting", "value"], essentials)]
-    if matrix is not None:
+    if matrix is not None and len(matrix) > 1:
         parts += [
             "## Accuracy matrix",
             "Row *i*: accuracy on each task's test classes after training task *i* (– = not trained yet).",
             _table(
                 ["after task", *matrix.columns],
-                [[f"task_{i}", *row] for i, row in zip(matrix.index, matrix.to_numpy(), strict=True)],
+                [[f"task {i}", *row] for i, row in zip(matrix.index, matrix.to_numpy(), strict=True)],
             ),
         ]
     tasks = read_tasks(run_dir)
@@ -322,13 +323,36 @@ def summary_markdown(run_dir: Path) -> str:
     last = rounds.iloc[-1:].to_dict("records")[0]  # keeps each column's dtype (ints stay ints)
     main = [(c, v) for c, v in last.items() if not c.startswith(RECALL_PREFIX)]
     parts += ["## Last round", _table(["column", "value"], main)]
-    recall = final_recall(rounds)
-    if len(recall):
-        parts += [
-            "Per-class recall:",
-            _table(["class", *map(str, recall.index)], [["recall", *recall.to_numpy()]]),
-        ]
+    parts += classes_markdown(final_recall(rounds), class_totals(run_dir), read_schedule(run_dir))
     return "\n\n".join(parts) + "\n"
+
+
+def classes_markdown(
+    recall: pd.Series, totals: pd.Series | None, schedule: list[list[int]] | None
+) -> list[str]:
+    """Per class, head to tail by training count: the task that brings it, its training samples and its
+    recall after the last round."""
+    if not len(recall):
+        return []
+    order = list(recall.index)
+    if totals is not None:
+        order = sorted(order, key=lambda c: (-int(totals.get(c, 0)), c))
+    task_of = class_tasks(schedule)
+    rows = [
+        [
+            c,
+            task_of.get(int(c), "–"),
+            int(totals.get(c, 0)) if totals is not None else "–",
+            float(recall.loc[c]),
+        ]
+        for c in order
+    ]
+    return [
+        "## Classes",
+        "Head to tail by training samples (summed over clients): the task that brings each class and its "
+        "recall after the last round.",
+        _table(["class", "task", "training samples", "recall"], rows),
+    ]
 
 
 # ---- figures -------------------------------------------------------------------------------------
@@ -377,17 +401,25 @@ def plot_round_curves(
     for task, (lo, hi) in spans.iterrows():
         if lo > x.min():
             ax.axvline(lo - 0.5, color="grey", ls="--", lw=1)
-        label = f"task {task}"
-        if schedule is not None and task < len(schedule) and len(schedule[task]) <= 4:
-            label += "\n" + ",".join(map(str, schedule[task]))
+        label, k = f"task {task}", int(task) - 1  # rounds.csv numbers tasks from 1
+        if schedule is not None and 0 <= k < len(schedule) and len(schedule[k]) <= 4:
+            label += "\n" + ",".join(map(str, schedule[k]))
         ax.text((lo + hi) / 2, 1.13, label, ha="center", va="top", fontsize=8, color="dimgrey")
     ax.legend(loc="lower left", fontsize=8)
     ax.set_title(title)
     return _save(fig, path)
 
 
-def plot_per_class_recall(recall: pd.Series, totals: pd.Series | None, path: Path) -> Path:
-    """Final recall per class, head to tail by training count: the long-tail effect in one picture."""
+def class_tasks(schedule: list[list[int]] | None) -> dict[int, int]:
+    """Class -> the task (numbered from 1) that brings it; empty without a schedule."""
+    return {int(c): k + 1 for k, classes in enumerate(schedule or []) for c in classes}
+
+
+def plot_per_class_recall(
+    recall: pd.Series, totals: pd.Series | None, path: Path, schedule: list[list[int]] | None = None
+) -> Path:
+    """Final recall per class, head to tail by training count: the long-tail effect in one picture; with
+    several tasks each bar is coloured by the task that brought its class."""
     order = list(recall.index)
     if totals is not None:
         order = sorted(order, key=lambda c: (-int(totals.get(c, 0)), c))
@@ -395,8 +427,20 @@ def plot_per_class_recall(recall: pd.Series, totals: pd.Series | None, path: Pat
     fig = _figure(min(3.0 + 0.45 * n, 20.0), 4.2)
     ax = fig.add_subplot()
     values = np.nan_to_num(recall.loc[order].to_numpy(dtype=float), nan=0.0)
-    bars = ax.bar(range(n), values, color="tab:blue")
+    task_of = class_tasks(schedule) if schedule is not None and len(schedule) > 1 else {}
+    palette = [f"C{(task_of.get(int(c), 1) - 1) % 10}" for c in order] if task_of else "tab:blue"
+    bars = ax.bar(range(n), values, color=palette)
+    if task_of:
+        from matplotlib.patches import Patch
+
+        tasks = sorted(set(task_of.values()))
+        handles = [Patch(color=f"C{(k - 1) % 10}", label=f"task {k}") for k in tasks]
+        ax.legend(handles=handles, fontsize=7, ncol=min(len(tasks), 10), loc="upper right", title="class of")
     ax.set_xticks(range(n), [str(c) for c in order], rotation=90 if n > 20 else 0, fontsize=8)
+    if task_of:
+        for label, colour in zip(ax.get_xticklabels(), palette, strict=True):
+            label.set_color(colour)  # a class with no recall has no bar to colour
+            label.set_fontweight("bold")
     ax.set_xlabel("class (head → tail)" if totals is not None else "class")
     ax.set_ylabel("final recall")
     ax.set_ylim(0.0, 1.15)
@@ -428,8 +472,8 @@ def plot_accuracy_matrix(matrix: pd.DataFrame, path: Path) -> Path:
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(values), vmin=0.0, vmax=1.0, cmap="viridis")
     fig.colorbar(image, ax=ax, label="accuracy")
-    ax.set_xticks(range(values.shape[1]), [str(j) for j in range(values.shape[1])])
-    ax.set_yticks(range(t), [str(i) for i in range(t)])
+    ax.set_xticks(range(values.shape[1]), [c.removeprefix("task_") for c in matrix.columns])
+    ax.set_yticks(range(t), [str(i) for i in matrix.index])
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("after training task")
     if t <= 20:
@@ -439,6 +483,21 @@ def plot_accuracy_matrix(matrix: pd.DataFrame, path: Path) -> Path:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=colour)
     ax.set_title("Accuracy matrix")
     return _save(fig, path)
+
+
+def plot_partition(stats: Path, cfg: dict[str, Any], path: Path) -> Path:
+    """The clients x classes training counts of the run's partition (`partition_stats.csv`), drawn as the
+    partition stage draws them."""
+    from fedtail.partition import heatmap_writer
+
+    frame = pd.read_csv(stats, index_col=0)
+    counts = frame.drop(columns=[c for c in ("total",) if c in frame.columns]).to_numpy(dtype=np.int64)
+    part = cfg.get("partition") or {}
+    keys = ("alpha", "imbalance_factor") if part.get("method") == "dirichlet" else ("imbalance_factor",)
+    shape = [f"{k}={part[k]}" for k in keys if part.get(k) is not None]
+    title = f"{part.get('method', 'partition')}: {counts.shape[0]} clients x {counts.shape[1]} classes"
+    title += ("\n" + ", ".join(shape)) if shape else ""
+    return io.write_with(path, heatmap_writer(counts, title))
 
 
 def read_confusions(run_dir: Path) -> dict[str, pd.DataFrame]:
@@ -489,11 +548,14 @@ def write_plots(run_dir: Path) -> dict[str, Path]:
             rounds, read_schedule(run_dir), out / PLOT_FILES["balanced_accuracy"]
         ),
         "per_class_recall": plot_per_class_recall(
-            final_recall(rounds), class_totals(run_dir), out / PLOT_FILES["per_class_recall"]
+            final_recall(rounds),
+            class_totals(run_dir),
+            out / PLOT_FILES["per_class_recall"],
+            read_schedule(run_dir),
         ),
     }
     matrix = read_accuracy_matrix(run_dir)
-    if matrix is not None:
+    if matrix is not None and len(matrix) > 1:  # one task (plain FL): a 1 x 1 matrix says nothing
         written["accuracy_matrix"] = plot_accuracy_matrix(matrix, out / PLOT_FILES["accuracy_matrix"])
     if "old_class_accuracy" in rounds.columns and rounds["task"].nunique() > 1:
         series = [("old_class_accuracy", "old classes", "o"), ("new_class_accuracy", "new classes", "s")]
@@ -504,9 +566,9 @@ def write_plots(run_dir: Path) -> dict[str, Path]:
     confusions = read_confusions(run_dir)
     if confusions:
         written["confusion_matrix"] = plot_confusion(confusions, out / PLOT_FILES["confusion_matrix"])
-    heatmap = run_dir / "partition_heatmap.png"
-    if heatmap.is_file():
-        written["partition"] = io.write_bytes(out / PLOT_FILES["partition"], heatmap.read_bytes())
+    stats = run_dir / "partition_stats.csv"
+    if stats.is_file():
+        written["partition"] = plot_partition(stats, read_config(run_dir), out / PLOT_FILES["partition"])
     return written
 
 

@@ -166,7 +166,7 @@ def simulate_task(
         logger.info(round_message(row, num_tasks, rounds), extra={ROUND_RECORD: True})
         bar.update(row)
         table[:] = [r for r in table if r["global_round"] < int(row["global_round"])]
-        table.extend(ui_rounds([row]))
+        table.extend(ui_rounds([row], first_task=0))
         try:
             update_progress_artifact(progress_id, round_progress(row, total))
             now = time.monotonic()
@@ -184,8 +184,8 @@ def rounds_artifact(run_id: str, rows: list[dict[str, Any]]) -> None:
     create_table_artifact(
         rows,
         key=artifact_key(run_id, "rounds"),
-        description=f"{run_id}: metrics per round (tasks and rounds 1-based, as in the log; recall_<c>: "
-        "each class's recall)",
+        description=f"{run_id}: metrics per round (tasks and rounds 1-based, as in the log; "
+        "recall_0, recall_1, ...: each class's recall)",
     )
 
 

@@ -356,7 +356,6 @@ def write_run_header(job: P.Job, run_dir: Path) -> None:
     io.write_text(run_dir / "config.yaml", job.config.to_yaml())
     for src, dst in (
         ("stats.csv", "partition_stats.csv"),
-        ("heatmap.png", "partition_heatmap.png"),
         ("schedule.json", "schedule.json"),
     ):
         path = job.partition_dir / src

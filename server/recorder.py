@@ -185,6 +185,12 @@ def confusion_csv(matrix: np.ndarray, labels: list[int]) -> str:
     return csv_text(rows)
 
 
+def public_rows(rows: list[dict]) -> list[dict]:
+    """Rows as the run's files show them: tasks numbered from 1, as the log, the report and the UI do
+    (the code counts from 0; rounds are numbered from 1 already)."""
+    return [{**row, "task": int(row["task"]) + 1} if "task" in row else row for row in rows]
+
+
 class RunRecorder:
     """Accumulates per-round rows and the accuracy matrix; resumes from the checkpoint if present.
 
@@ -296,16 +302,16 @@ class RunRecorder:
         new = self.rows[self._csv_rows :]
         columns = list(self.rows[0])
         if self._csv_rows == 0 or any(list(row) != columns for row in new) or not path.is_file():
-            io.write_text(path, csv_text(self.rows))
+            io.write_text(path, csv_text(public_rows(self.rows)))
         else:
             with open(path, "a") as fh:
-                fh.write(csv_text(new, header=False))
+                fh.write(csv_text(public_rows(new), header=False))
         self._csv_rows = len(self.rows)
 
     def _write_matrix(self) -> None:
         t = self.schedule.num_tasks
         rows = [
-            {"after_task": i, **{f"task_{j}": float(v) for j, v in enumerate(row)}}
+            {"after_task": i + 1, **{f"task_{j + 1}": float(v) for j, v in enumerate(row)}}
             for i, row in enumerate(self.acc_matrix.tolist())
         ]
         io.write_text(self.run_dir / "accuracy_matrix.csv", csv_text(rows) if t else "after_task\n")
@@ -320,7 +326,7 @@ class RunRecorder:
             {**row, "accuracy_now": float(now[row["task"]]), "forgetting": forgot[row["task"]]}
             for row in self.task_rows
         ]
-        io.write_text(self.run_dir / TASKS_FILE, csv_text(rows))
+        io.write_text(self.run_dir / TASKS_FILE, csv_text(public_rows(rows)))
 
     # ---- final outputs --------------------------------------------------------------------------
     def finish(self, state_dict: dict, final: dict | None = None) -> dict:
@@ -342,13 +348,7 @@ class RunRecorder:
             "backward_transfer": backward_transfer(a),
             "max_client_memory_bytes": max((r["max_client_memory_bytes"] for r in self.task_rows), default=0),
             "num_tasks": self.schedule.num_tasks,
-            "rounds_per_task": self.cfg.federation.rounds_per_task,
-            "num_clients": self.cfg.federation.num_clients,
-            "dataset": self.cfg.dataset.name,
-            "strategy": self.cfg.strategy.name,
-            "objective": self.cfg.train.objective,
-            "continual_method": self.cfg.continual.method,
-        }
+        }  # numbers only: the settings are in config.yaml (and DVC's params), not among the metrics
         metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
         io.write_with(self.run_dir / "model.pt", lambda fh: torch.save(state_dict, fh))
         per_client = (final or {}).get("client_accuracies")

@@ -30,7 +30,7 @@ TOLERANCE = 1e-4
 """Absolute, on every number of the float results. Last-bit drift between CPUs stays near 1e-7 here; a
 real change of code or data moves them by far more (one test sample is 2e-3 of digits' accuracy)."""
 FLOAT_RESULTS = ("metrics.json", "rounds.csv", "accuracy_matrix.csv")
-RUN_HEADER = ("config.yaml", "schedule.json", "partition_stats.csv", "partition_heatmap.png")
+RUN_HEADER = ("config.yaml", "schedule.json", "partition_stats.csv")
 """Copies of the config and the partition in runs/dvc/: exact on any machine, hashed in dvc.lock."""
 DATA_STAGES = ("stage", "partition")
 RUN = "runs/dvc/"

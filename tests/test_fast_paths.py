@@ -200,8 +200,13 @@ def test_rounds_csv_appended_equals_rewritten_and_resume_drops_a_half_row(tmp_pa
     for i in range(1, 5):
         recorder.record_round(_row(i), arrays)
     rows = [_row(i) for i in range(1, 5)]
-    expected = pd.DataFrame(rows).to_csv(index=False, float_format="%.6f")
-    assert (tmp_path / "rounds.csv").read_text() == expected
+
+    def as_written(rows: list[dict]) -> str:  # the files number tasks from 1
+        return pd.DataFrame([{**r, "task": r["task"] + 1} for r in rows]).to_csv(
+            index=False, float_format="%.6f"
+        )
+
+    assert (tmp_path / "rounds.csv").read_text() == as_written(rows)
     # a crash in the middle of an append leaves half a row; resuming rewrites the file from the checkpoint
     with open(tmp_path / "rounds.csv", "a") as fh:
         fh.write("0,5,3,0.12")
@@ -209,9 +214,7 @@ def test_rounds_csv_appended_equals_rewritten_and_resume_drops_a_half_row(tmp_pa
     assert resumed.resumed and len(resumed.rows) == 4
     resumed.record_round(_row(5), arrays)
     rows.append(_row(5))
-    assert (tmp_path / "rounds.csv").read_text() == pd.DataFrame(rows).to_csv(
-        index=False, float_format="%.6f"
-    )
+    assert (tmp_path / "rounds.csv").read_text() == as_written(rows)
 
 
 @pytest.mark.parametrize(
@@ -546,8 +549,11 @@ def test_accuracy_matrix_and_clients_files_equal_what_pandas_wrote(tmp_path: Pat
         }
     )
     recorder.finish({})
-    frame = pd.DataFrame(recorder.acc_matrix, columns=[f"task_{j}" for j in range(schedule.num_tasks)])
-    frame.index.name = "after_task"
+    t = schedule.num_tasks
+    frame = pd.DataFrame(
+        recorder.acc_matrix, columns=[f"task_{j + 1}" for j in range(t)], index=range(1, t + 1)
+    )
+    frame.index.name = "after_task"  # tasks numbered from 1 in the run's files
     assert (tmp_path / "accuracy_matrix.csv").read_text() == frame.to_csv(float_format="%.6f")
     rows = [
         {"partition_id": p, **{k: v for k, v in info.items() if k != "partition-id"}}

@@ -27,7 +27,6 @@ def test_inprocess_run_writes_every_output(inprocess_run: tuple[Path, dict]) -> 
         "accuracy_matrix.csv",
         "model.pt",
         "partition_stats.csv",
-        "partition_heatmap.png",
         "clients.csv",
         "timing.json",
     ):

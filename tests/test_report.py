@@ -31,7 +31,8 @@ def make_run(
     heatmap: bool = True,
     adjustment: str | None = None,
 ) -> dict:
-    """A run folder shaped like simulate's output, with NaN recalls for classes not seen yet."""
+    """A run folder shaped like simulate's output (tasks numbered from 1 in its files), with NaN recalls
+    for classes not seen yet; ``heatmap``: with the partition's table, from which the report draws it."""
     rng = np.random.default_rng(0)
     n_classes = sum(len(t) for t in tasks)
     n_tasks = len(tasks)
@@ -41,7 +42,7 @@ def make_run(
         seen = [c for task in tasks[: t + 1] for c in task]
         for r in range(1, rounds_per_task + 1):
             row = {
-                "task": t,
+                "task": t + 1,
                 "round": r,
                 "global_round": t * rounds_per_task + r,
                 "num_sampled": 3,
@@ -64,12 +65,12 @@ def make_run(
     acc = np.full((n_tasks, n_tasks), np.nan)
     for i in range(n_tasks):
         acc[i, : i + 1] = rng.uniform(0.2, 0.95, size=i + 1)
-    matrix = pd.DataFrame(acc, columns=[f"task_{j}" for j in range(n_tasks)])
+    matrix = pd.DataFrame(acc, columns=[f"task_{j + 1}" for j in range(n_tasks)], index=range(1, n_tasks + 1))
     matrix.index.name = "after_task"
     matrix.to_csv(run_dir / "accuracy_matrix.csv", float_format="%.6f")
     task_rows = [
         {
-            "task": t,
+            "task": t + 1,
             "classes": " ".join(map(str, tasks[t])),
             "accuracy": acc[t, : t + 1].mean(),
             "old_class_accuracy": acc[t, :t].mean() if t else math.nan,
@@ -88,9 +89,8 @@ def make_run(
     )
     stats["total"] = counts.sum(axis=1)
     stats.index.name = "client"
-    stats.to_csv(run_dir / "partition_stats.csv")
     if heatmap:
-        _tiny_png(run_dir / "partition_heatmap.png")
+        stats.to_csv(run_dir / "partition_stats.csv")
 
     order = [c for task in tasks for c in task]
     (run_dir / "schedule.json").write_text(json.dumps({"class_order": order, "tasks": tasks}))
@@ -156,9 +156,9 @@ def test_report_three_tasks(tmp_path: Path) -> None:
         assert value in text
     for name in PLOT_FILES.values():
         assert f"](plots/{name})" in text
-    assert "| task_2 |" in text  # accuracy matrix table, last row
+    assert "| task 3 |" in text  # accuracy matrix table, last row
     tasks_table = text.split("## Tasks")[1].split("##")[0]
-    assert "| 2 | 8 6 7 |" in tasks_table and "memory (samples)" in tasks_table
+    assert "| 3 | 8 6 7 |" in tasks_table and "memory (samples)" in tasks_table
     assert "simulate_seconds" not in text  # wall time would make the report irreproducible
     assert not list(run_dir.rglob("*.tmp"))  # atomic writes left no temp files
 
@@ -168,9 +168,10 @@ def test_report_single_task_no_partition_heatmap(tmp_path: Path) -> None:
     make_run(run_dir, [list(range(10))], rounds_per_task=3, heatmap=False)
     text = write_report(run_dir).read_text()
 
-    for name in ("balanced_accuracy", "per_class_recall", "accuracy_matrix"):
+    for name in ("balanced_accuracy", "per_class_recall"):
         _assert_png(run_dir / "plots" / PLOT_FILES[name])
     assert not (run_dir / "plots" / PLOT_FILES["partition"]).exists()
+    assert not (run_dir / "plots" / PLOT_FILES["accuracy_matrix"]).exists()  # no 1 x 1 matrix for plain FL
     assert "partition.png" not in text
     assert "forgetting | –" in text  # NaN shown as a dash, not 'nan'
     assert "## Tasks" not in text and not (run_dir / "plots" / PLOT_FILES["old_new"]).exists()
@@ -204,7 +205,7 @@ def test_report_shows_failed_and_rejected_client_updates(tmp_path: Path) -> None
     rounds.to_csv(run_dir / "rounds.csv", index=False)
     md = summary_markdown(run_dir)
     assert "| 12 | 10 | 1 | 1 | 0 |" in md  # sampled, aggregated, failed, rejected, no data
-    assert "| 1 | 1 | 3 | 3 | 1 | 1 | 1 |" in md  # task 1 round 1 (global round 3) lost two updates
+    assert "| 2 | 1 | 3 | 3 | 1 | 1 | 1 |" in md  # task 2 round 1 (global round 3) lost two updates
 
 
 def test_headline_shows_plain_and_adjusted_side_by_side(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -200,7 +201,9 @@ def test_cli_refuses_an_unusable_checkpoint_before_any_work(
 
     (run_dir / "checkpoint.pt").write_bytes(good)
     config = run_dir / "config.yaml"
-    config.write_text(config.read_text().replace("epochs: 1", "epochs: 3"))
+    edited = re.sub(r"\bepochs: \d+", "epochs: 7", config.read_text())
+    assert edited != config.read_text()
+    config.write_text(edited)
     assert main(args) == 2
     assert "written with a different config" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()  # nothing staged or partitioned for a run that cannot resume

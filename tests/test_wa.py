@@ -77,7 +77,7 @@ def test_wa_run_ends_each_task_with_aligned_norms(project: Path) -> None:
     schedule = __import__("json").loads((run_dir / "schedule.json").read_text())["tasks"]
     old, new = [c for t in schedule[:-1] for c in t], schedule[-1]
     assert norms[new].mean() == pytest.approx(norms[old].mean(), rel=1e-5)
-    assert metrics["continual_method"] == "wa"
+    assert __import__("yaml").safe_load((run_dir / "config.yaml").read_text())["continual"]["method"] == "wa"
     tasks = (run_dir / "tasks.csv").read_text().splitlines()
     header, last = tasks[0].split(","), tasks[-1].split(",")
     for key in ("old_class_accuracy", "new_class_accuracy", "balanced_accuracy"):  # the aligned model's

@@ -471,31 +471,45 @@ def _title(params: Mapping[str, Any], n_clients: int, n_classes: int) -> str:
     return title
 
 
-def _heatmap_writer(result: PartitionResult, class_names: list[str] | None) -> Callable[[Any], None]:
-    """A `write_with` callback drawing the clients x classes counts (Agg canvas, no pyplot state)."""
+def heatmap_writer(
+    counts: np.ndarray, title: str, class_names: list[str] | None = None
+) -> Callable[[Any], None]:
+    """A `write_with` callback drawing clients x classes sample counts (Agg canvas, no pyplot state).
+
+    Log colour scale, so a few large cells do not flatten the rest (empty cells left blank); each class's
+    total under its name and each client's total beside its number; the counts in the cells when there
+    are few."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
-    counts = result.counts
+    counts = np.asarray(counts)
     n_clients, n_classes = counts.shape
-    fig = Figure(figsize=(min(3.0 + 0.6 * n_classes, 18.0), min(2.0 + 0.35 * n_clients, 24.0)))
+    fig = Figure(figsize=(min(3.5 + 0.65 * n_classes, 18.0), min(2.4 + 0.35 * n_clients, 24.0)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="samples")
-    ax.set_xlabel("class")
-    ax.set_ylabel("client")
+    shown = np.ma.masked_less_equal(counts, 0)
+    top = max(int(counts.max(initial=1)), 2)
+    image = ax.imshow(shown, aspect="auto", cmap="viridis", interpolation="nearest", norm=LogNorm(1, top))
+    ax.set_facecolor("whitesmoke")
+    fig.colorbar(image, ax=ax, label="samples (log scale; blank: none)")
+    names = class_names or [str(c) for c in range(n_classes)]
+    ax.set_xlabel("class (its total)")
     ax.set_xticks(
-        range(n_classes), class_names or [str(c) for c in range(n_classes)], rotation=45, ha="right"
+        range(n_classes), [f"{n}\n({int(t)})" for n, t in zip(names, counts.sum(axis=0), strict=True)]
     )
+    ax.tick_params(axis="x", labelsize=7 if n_classes > 20 else 8)
     if n_clients <= 60:
-        ax.set_yticks(range(n_clients), [str(k) for k in range(n_clients)])
+        ax.set_ylabel("client (its total)")
+        ax.set_yticks(range(n_clients), [f"{k} ({int(t)})" for k, t in enumerate(counts.sum(axis=1))])
+    else:
+        ax.set_ylabel("client")
     if n_clients * n_classes <= 400:
-        threshold = counts.max() / 2 if counts.size else 0
         for (k, c), value in np.ndenumerate(counts):
-            colour = "black" if value > threshold else "white"
-            ax.text(c, k, str(value), ha="center", va="center", fontsize=7, color=colour)
-    ax.set_title(_title(result.params, n_clients, n_classes))
+            if value:
+                colour = "black" if np.log(value) > np.log(top) * 0.6 else "white"
+                ax.text(c, k, str(value), ha="center", va="center", fontsize=7, color=colour)
+    ax.set_title(title)
     fig.tight_layout()
 
     def write(fh: Any) -> None:
@@ -536,7 +550,10 @@ def write_partition(
     write_npy(out_dir / LABELED_FILE, labeled)
     write_json(out_dir / SCHEDULE_FILE, schedule.to_dict())
     write_text(out_dir / STATS_FILE, _stats_csv(result.counts))
-    write_with(out_dir / HEATMAP_FILE, _heatmap_writer(result, class_names))
+    write_with(
+        out_dir / HEATMAP_FILE,
+        heatmap_writer(result.counts, _title(result.params, *result.counts.shape), class_names),
+    )
     return out_dir
 
 
