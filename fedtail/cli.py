@@ -208,6 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "verbose", False):
         args.overrides.append("engine.verbose=true")
     root = Path(args.root)
+    if (
+        args.command in ("run", "simulate", "sweep")
+        and not getattr(args, "show", None)
+        and sys.stderr.isatty()
+    ):
+        # within a second on a terminal: validating the config imports every plug-in (seconds)
+        what = args.sweep_file if args.command == "sweep" else args.config
+        extra = f" with {len(args.overrides)} override(s)" if args.overrides else ""
+        print(f"fedtail {args.command}: checking {what}{extra} and the data…", file=sys.stderr, flush=True)
     from fedtail import pipeline
 
     try:
@@ -226,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             if not cfg.output.run_id:
                 args.run_id = runs.new_run_id(cfg)  # known up front, so an interrupted run can say its id
                 cfg = _config(args)
-            pipeline.check_run_target(cfg, pipeline.new_run_dir(cfg, root), _mode(args))
+            run_dir = pipeline.new_run_dir(cfg, root)
+            print(f"run {run_dir.name}: {run_dir}", flush=True)  # within a second, before the heavy imports
+            pipeline.check_run_target(cfg, run_dir, _mode(args))
         if args.command in ("run", "serve", "stage", "partition", "simulate"):
             check_versioned(cfg, root)
         if args.command == "sweep":
@@ -262,6 +273,12 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _import_flow() -> None:
+    """What the run needs besides the server (Prefect's flow machinery, torch, Flower): imported while
+    the temporary server starts, instead of after it."""
+    import flows.pipeline  # noqa: F401
+
+
 def _train(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> str:
     """``run`` (the Prefect flow; returns the report line) or ``simulate`` (the DVC stage; the run folder)."""
     from fedtail import pipeline
@@ -275,10 +292,11 @@ def _train(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> str:
         with RoundProgress(cfg.num_tasks * cfg.task_rounds, cfg.num_tasks, cfg.task_rounds) as bar:
             return str(pipeline.simulate(cfg, staged, parts, run_dir, on_round=bar.update, mode=_mode(args)))
     from fedtail.prefect_server import temporary_server
-    from flows.pipeline import fl_pipeline
 
     log.setLevel(logging.WARNING)  # the flow's run logger prints the per-round progress
-    with temporary_server():
+    with temporary_server(while_starting=_import_flow):
+        from flows.pipeline import fl_pipeline
+
         run_dir = fl_pipeline(
             config_path=args.config,
             overrides=_overrides(args),
@@ -294,8 +312,7 @@ def _dispatch(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
 
     if args.command in ("run", "simulate"):
         run_dir = pipeline.new_run_dir(cfg, root)
-        run_id = run_dir.name  # from --run-id, --set output.run_id=... or generated
-        print(f"run {run_id}: {run_dir}", flush=True)
+        run_id = run_dir.name  # from --run-id, --set output.run_id=... or generated (printed by main)
         try:
             with _sigterm_interrupts():
                 print(_train(args, cfg, root))
@@ -404,5 +421,19 @@ def _sweep(args: argparse.Namespace, cfg: FedtailConfig, root: Path) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``fedtail`` console script: `main`, then a prompt exit. Tearing down the interpreter after a
+    run (torch, Prefect's and Flower's modules and threads) took 3 s after the last line was printed;
+    everything fedtail writes is closed and atomic by then, so after the exit handlers (Prefect's and
+    logging's flushes) the process ends at once."""
+    import atexit
+
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

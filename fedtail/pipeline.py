@@ -116,10 +116,10 @@ def flower_logs(verbose: bool) -> Iterator[None]:
 
 def check_run_target(cfg: FedtailConfig, run_dir: Path, mode: runs.Mode) -> None:
     """Before any work: the run folder suits ``mode``, and a run to resume has a usable checkpoint."""
-    from server.recorder import read_checkpoint
-
     runs.check_target(run_dir, mode)
     if mode is runs.Mode.RESUME:
+        from server.recorder import read_checkpoint  # torch and Flower: only when there is one to read
+
         read_checkpoint(run_dir, cfg)
 
 

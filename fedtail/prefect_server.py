@@ -15,7 +15,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -107,21 +108,42 @@ def _drain_prefect_workers() -> None:
 
 
 @contextmanager
-def temporary_server() -> Iterator[str | None]:
+def temporary_server(while_starting: Callable[[], None] | None = None) -> Iterator[str | None]:
     """Run the block against a detached temporary server; yields its API URL (None if one is configured).
 
     With ``PREFECT_API_URL`` set, or ephemeral mode off, Prefect's own settings decide and nothing starts.
     The server is registered as Prefect's default temporary server, so every part of Prefect that would
-    start one (clients, log and event workers, in any thread) uses this one instead.
+    start one (clients, log and event workers, in any thread) uses this one instead. ``while_starting``
+    runs in another thread while this one starts the server (the seconds of a server start and of the
+    run's imports overlap instead of adding up).
     """
     if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+        if while_starting is not None:
+            while_starting()
         yield None
         return
     server = DetachedServer()
     prior = SubprocessASGIServer._instances.get(None)
     SubprocessASGIServer._instances[None] = server
     try:
-        server.start(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        if while_starting is None:
+            server.start(timeout=timeout)
+        else:  # the server from this thread: its parent-death signal follows the thread that started it
+            failure: list[BaseException] = []
+
+            def work() -> None:
+                try:
+                    while_starting()
+                except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+                    failure.append(err)
+
+            worker = threading.Thread(target=work, name="fedtail-imports", daemon=True)
+            worker.start()
+            server.start(timeout=timeout)
+            worker.join()
+            if failure:
+                raise failure[0]
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             try:
                 yield server.api_url
