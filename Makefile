@@ -4,7 +4,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 
-.PHONY: run test bench clean
+.PHONY: run test bench ui-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/engines.py
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/sweep_overhead.py
+
+## ui-check: run the smoke preset against a private Prefect server and look at the run page, the
+## Artifacts page and the report in headless Chromium (Debian: apt-get install chromium) -> ui-check/
+ui-check: $(VENV)/.installed-dev
+	$(BIN)/python scripts/ui_check.py --out ui-check
 
 ## clean: the rebuildable caches only (staged arrays, partitions); run folders hold results and stay
 clean:
