@@ -4,7 +4,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 
-.PHONY: run test bench ui-check clean
+.PHONY: run test bench ui-check flwr clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,15 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/engines.py
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/sweep_overhead.py
+
+## flwr: the pipeline under Flower's runtime (`flwr run .`, logs streamed): a local SuperLink (started on
+## first use, left running) with one SuperNode per client of params.yaml; the app runs in this venv, so
+## Flower installs nothing per run. Stop the SuperLink with `pkill -f flower-superlink`.
+FLWR_ENV := PATH="$(CURDIR)/$(BIN):$$PATH" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+flwr: $(VENV)/.installed
+	$(FLWR_ENV) $(BIN)/flwr federation simulation-config --client-resources-num-cpus 1 --num-supernodes \
+	  $$($(BIN)/python -c "from fedtail.config import load_config; print(load_config().federation.num_clients)")
+	$(FLWR_ENV) $(BIN)/flwr run . --run-config "root='$(CURDIR)'" --stream
 
 ## ui-check: run the smoke preset against a private Prefect server and look at the run page, the
 ## Artifacts page and the report in headless Chromium (Debian: apt-get install chromium) -> ui-check/

@@ -74,7 +74,7 @@ def new_run_dir(cfg: FedtailConfig, root: Path = Path(".")) -> Path:
     return runs.run_path(io.under(root, cfg.output.runs_dir), cfg.output.run_id or runs.new_run_id(cfg))
 
 
-class _ExpectedWarnings(logging.Filter):
+class ExpectedWarnings(logging.Filter):
     """Drops Flower's warning that federated evaluation is off: fedtail evaluates the global model on
     the server after every round by design (``fraction_evaluate=0``), so the line only misleads."""
 
@@ -95,7 +95,7 @@ def flower_logs(verbose: bool) -> Iterator[None]:
     level, propagate = logger.level, logger.propagate
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
-    expected = _ExpectedWarnings()
+    expected = ExpectedWarnings()
     colours = {}
     for handler in logger.handlers:
         handler.addFilter(expected)

@@ -238,8 +238,39 @@ def evaluate_round(
     return MetricRecord({k: float(row[k]) for k in ("accuracy", "balanced_accuracy", "macro_f1")})
 
 
+class StrategyBannerOnce(logging.Filter):
+    """Flower's strategy prints a banner each time it starts, i.e. once per task and stage here, with the
+    whole train ConfigRecord (the job's JSON, pages of it): show the banner once, the config in one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = self.muting = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        if msg == "Starting %s strategy:":
+            self.muting, self.seen = self.seen, True
+            return not self.muting
+        if self.muting:
+            self.muting = msg != ""  # the banner ends with an empty line
+            return False
+        if msg.startswith("\t├── ConfigRecord (train)"):
+            record.args = ("the job (resolved config, data locations), task, stage, classes, class prior",)
+        return True
+
+
 def run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | None = None) -> dict:
     """The server loop over tasks and rounds; returns the final metrics (also in metrics.json)."""
+    flower = logging.getLogger("flwr")
+    banner = StrategyBannerOnce()
+    flower.addFilter(banner)
+    try:
+        return _run_federation(grid, job, run_dir, on_round)
+    finally:
+        flower.removeFilter(banner)
+
+
+def _run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | None) -> dict:
     cfg = job.config
     schedule = load_schedule(job.partition_dir)
     meta = staged_meta(job.staged_dir)
@@ -374,6 +405,21 @@ def build_server_app(job: P.Job, run_dir: Path, on_round: OnRound | None = None)
     return server_app
 
 
+def _log_through_flower() -> None:
+    """Under ``flwr run`` only Flower's own logger reaches the user (``--stream``): fedtail's per-round
+    lines and the report's location go through its handlers, and its warning about federated evaluation
+    (fedtail evaluates on the server) is dropped."""
+    from fedtail.pipeline import ExpectedWarnings
+
+    flower = logging.getLogger("flwr")
+    for handler in flower.handlers:
+        if not any(isinstance(f, ExpectedWarnings) for f in handler.filters):
+            handler.addFilter(ExpectedWarnings())
+    log.handlers[:] = list(flower.handlers)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 app = ServerApp()
 
 
@@ -382,6 +428,7 @@ def flwr_main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: config from run-config, then the whole pipeline."""
     from fedtail import pipeline
 
+    _log_through_flower()
     run_config = dict(context.run_config)
     root = Path(str(run_config.pop("root", "") or ".")).resolve()
     run_config.update(parse_override_list(str(run_config.pop("set", ""))))
