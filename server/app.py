@@ -311,6 +311,21 @@ def _run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | N
     for t in range(recorder.tasks_done, n_tasks):
         seen = schedule.seen_classes(t)
         offset = 0  # rounds of this task before the stage
+
+        def task_config(key: str, value: object, t: int = t, seen: list[int] = seen) -> ConfigRecord:
+            """What a train or statistics message of task ``t`` tells the client, and ``key: value``."""
+            return ConfigRecord(
+                {
+                    P.JOB: job.to_json(),
+                    P.TASK: t,
+                    key: value,
+                    "task-classes": list(schedule.tasks[t]),
+                    "seen-classes": seen,
+                    P.CLASS_PRIOR: prior.tolist(),
+                    P.CLASS_COUNTS: [int(c) for c in global_counts],
+                }
+            )
+
         previous = recorder.task_arrays if method.uses_previous_model and t > 0 else None
         strategy.extra_records = {} if previous is None else {P.PREVIOUS_ARRAYS: previous}
         if previous is not None and exchanges:
@@ -325,17 +340,7 @@ def _run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | N
                     arrays = reinit_classifier(arrays, fresh, schedule.tasks[t])
                 strategy.round_offset = t * cfg.task_rounds + offset + done
                 strategy.frozen_prefixes = ("features.",) if stage == CRT else ()
-                train_config = ConfigRecord(
-                    {
-                        P.JOB: job.to_json(),
-                        P.TASK: t,
-                        P.STAGE: stage,
-                        "task-classes": list(schedule.tasks[t]),
-                        "seen-classes": seen,
-                        P.CLASS_PRIOR: prior.tolist(),
-                        P.CLASS_COUNTS: [int(c) for c in global_counts],
-                    }
-                )
+                train_config = task_config(P.STAGE, stage)
                 evaluate_fn = functools.partial(
                     evaluate_round, t=t, stage=stage, first=offset + done, seen=seen, context=round_context
                 )
@@ -353,17 +358,7 @@ def _run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | N
         arrays = method.end_task_on_server(arrays, old, list(schedule.tasks[t]))
         head = recorder.task_head
         for exchange in range(exchanges):
-            config = ConfigRecord(
-                {
-                    P.JOB: job.to_json(),
-                    P.TASK: t,
-                    P.EXCHANGE: exchange,
-                    "task-classes": list(schedule.tasks[t]),
-                    "seen-classes": seen,
-                    P.CLASS_PRIOR: prior.tolist(),
-                    P.CLASS_COUNTS: [int(c) for c in global_counts],
-                }
-            )
+            config = task_config(P.EXCHANGE, exchange)
             sums = collect_statistics(
                 grid, node_of, arrays, head, config, strategy.extra_records, cfg.engine.timeout
             )
