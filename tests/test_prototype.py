@@ -102,3 +102,17 @@ def test_class_statistics_summed_over_clients_are_the_pooled_mean_and_variance()
 def test_a_cosine_head_is_refused() -> None:
     with pytest.raises(ConfigError, match="model.classifier='cosine'.*use linear"):
         build_config({"continual": {"method": "prototype"}, "model": {"classifier": "cosine"}})
+
+
+def test_a_client_absent_from_the_task_sends_no_statistics() -> None:
+    """Per-client arrival: a client that skipped the task never received its data, whatever its
+    partition holds, so it adds nothing to the new classes' statistics."""
+    cfg = build_config({"continual": {"method": "prototype"}})
+    model = build_model("mlp", (5,), 10, 8, 0).eval()
+    data = _client(0)
+    ctx = local_context(
+        cfg, model, data=data, task=1, task_classes=[2, 3], seen_classes=[0, 1, 2, 3],
+        sample_index=data.positions([2, 3]), held_classes=[0, 1], state=RecordDict(),
+    )  # fmt: skip
+    sums = PrototypeClassifier(ctx).task_statistics({}, 0)
+    assert sums["counts"].sum() == 0 and not sums["feature-sums"].any()

@@ -135,7 +135,7 @@ class BiC(Replay):
                 held.append(memory.indices[out])
         index = ctx.sample_index if ctx.sample_index is not None else np.arange(len(ctx.data.y))
         labels = ctx.data.y[index]
-        for c in ctx.task_classes:
+        for c in ctx.received(ctx.task_classes):  # a client absent from the task holds none of it
             where = index[labels == c]
             if where.size >= 2:
                 held.append(rng.choice(where, size=min(v, where.size - 1), replace=False))

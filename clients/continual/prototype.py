@@ -146,11 +146,11 @@ class PrototypeClassifier(ContinualMethod):
         classes = ctx.job.config.num_classes
         index = ctx.sample_index if ctx.sample_index is not None else np.arange(len(ctx.data.y))
         y = ctx.data.y[index]
-        mine = np.isin(y, ctx.task_classes)
+        mine = np.isin(y, ctx.received(ctx.task_classes))  # a client absent from the task sends nothing
         x = ctx.data.x[index[mine]]
         probe = np.zeros((1, *ctx.data.x.shape[1:]), dtype=np.float32)
-        phi = features_of(ctx.model, x, ctx.device) if len(x) else np.zeros((0, 0))
-        dim = phi.shape[1] if len(x) else features_of(ctx.model, probe, ctx.device).shape[1]
+        dim = features_of(ctx.model, probe, ctx.device).shape[1]
+        phi = features_of(ctx.model, x, ctx.device) if len(x) else np.zeros((0, dim))
         sums, squares = np.zeros((classes, dim)), np.zeros((classes, dim))
         np.add.at(sums, y[mine], phi)
         np.add.at(squares, y[mine], phi**2)
