@@ -85,11 +85,15 @@ class ICaRL(Replay):
             )
         return None
 
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        old = sorted(set(ctx.seen_classes) - set(ctx.task_classes))
+        self.old_columns = torch.as_tensor(old, dtype=torch.int64, device=ctx.device) if old else None
+
     def extra_loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-        old = sorted(set(self.ctx.seen_classes) - set(self.ctx.task_classes))
-        if not old or not len(x):
+        columns = self.old_columns
+        if columns is None or not len(x):
             return None
-        columns = torch.as_tensor(old, device=logits.device)
         with torch.no_grad():
             teacher = self.teacher_logits(x)[:, columns]
         return sigmoid_distillation(logits[:, columns], teacher)
@@ -103,9 +107,6 @@ class ICaRL(Replay):
         memory, _ = update_memory(after, self.options.memory_size, self.options.selection)
         classes = ctx.job.config.num_classes
         phi = normalise(features_of(model, ctx.data.x[memory.indices], ctx.device))
-        if not len(memory):  # nothing kept: zero sums of the right width
-            probe = np.zeros((1, *ctx.data.x.shape[1:]), dtype=np.float32)
-            phi = np.zeros((0, features_of(model, probe, ctx.device).shape[1]))
         sums = np.zeros((classes, phi.shape[1]))
         np.add.at(sums, memory.labels, phi)
         return {MEANS: sums, COUNTS: np.bincount(memory.labels, minlength=classes).astype(np.float64)}

@@ -116,15 +116,16 @@ def herding(features: np.ndarray, m: int) -> np.ndarray:
 
 @torch.no_grad()
 def features_of(model: torch.nn.Module, x: np.ndarray, device: torch.device, batch: int = 1024) -> np.ndarray:
-    """``model.features`` of ``x`` in eval mode, as float64 numpy."""
+    """``model.features`` of ``x`` in eval mode, as float64 numpy; ``(0, feature width)`` for no samples,
+    so per-class sums over them keep their shape."""
     was_training = model.training
     model.eval()
     out = [
         model.features(torch.from_numpy(x[i : i + batch]).to(device)).double().cpu()
-        for i in range(0, len(x), batch)
+        for i in range(0, max(len(x), 1), batch)  # one (empty) batch for no samples: the width
     ]
     model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+    return torch.cat(out).numpy()
 
 
 def update_memory(ctx: LocalContext, memory_size: int, selection: str) -> tuple[Memory, list[int]]:

@@ -42,7 +42,7 @@ from flwr.app import ArrayRecord
 from pydantic import Field
 from torch.nn import functional as F
 
-from clients.continual import ContinualMethod, Head
+from clients.continual import ContinualMethod, Head, linear_head_problem
 from clients.continual.memory import features_of
 from fedtail.models import array_from_numpy, array_to_numpy
 from fedtail.registry import CONTINUAL, PluginOptions
@@ -119,14 +119,9 @@ class PrototypeClassifier(ContinualMethod):
 
     @classmethod
     def check_config(cls, cfg: FedtailConfig) -> str | None:
-        if (problem := super().check_config(cfg)) is not None:
-            return problem
-        if cfg.model.classifier != "linear":
-            return (
-                "continual.method='prototype' fits a linear classifier on class distributions; "
-                f"model.classifier={cfg.model.classifier!r} is not one: use linear"
-            )
-        return None
+        return super().check_config(cfg) or linear_head_problem(
+            cfg, "fits a linear classifier on class distributions"
+        )
 
     def objective_classes(self) -> list[int]:
         """The new task's own head: no exemplars, so the loss must not push old classes' rows down."""
@@ -147,11 +142,8 @@ class PrototypeClassifier(ContinualMethod):
         index = ctx.sample_index if ctx.sample_index is not None else np.arange(len(ctx.data.y))
         y = ctx.data.y[index]
         mine = np.isin(y, ctx.received(ctx.task_classes))  # a client absent from the task sends nothing
-        x = ctx.data.x[index[mine]]
-        probe = np.zeros((1, *ctx.data.x.shape[1:]), dtype=np.float32)
-        dim = features_of(ctx.model, probe, ctx.device).shape[1]
-        phi = features_of(ctx.model, x, ctx.device) if len(x) else np.zeros((0, dim))
-        sums, squares = np.zeros((classes, dim)), np.zeros((classes, dim))
+        phi = features_of(ctx.model, ctx.data.x[index[mine]], ctx.device)
+        sums, squares = np.zeros((classes, phi.shape[1])), np.zeros((classes, phi.shape[1]))
         np.add.at(sums, y[mine], phi)
         np.add.at(squares, y[mine], phi**2)
         return {
