@@ -160,15 +160,9 @@ def _local_context(msg: Message, context: Context, model: torch.nn.Module | None
 def train(msg: Message, context: Context) -> Message:
     job = P.parse_job(str(msg.content[P.CONFIG][P.JOB]))
     ctx = _local_context(msg, context, model=_model(job, msg.content[P.ARRAYS]))
-    cfg, data, state, index, conf = (
-        job.config,
-        ctx.data,
-        _client_state(context),
-        ctx.sample_index,
-        msg.content[P.CONFIG],
-    )
-    task, pid = ctx.task, ctx.partition_id
-    x, y = data.x[index], data.y[index]
+    cfg, data, conf, task, pid = job.config, ctx.data, msg.content[P.CONFIG], ctx.task, ctx.partition_id
+    state = _client_state(context)
+    x, y = data.x[ctx.sample_index], data.y[ctx.sample_index]
     stage = str(conf[P.STAGE]) if P.STAGE in conf else "fl"
     loss, n = (retrain_classifier if stage == "crt" else train_local)(ctx, x, y)
     state["rounds-trained"] = int(state["rounds-trained"]) + 1

@@ -30,6 +30,18 @@ if TYPE_CHECKING:
     from clients.local import LocalContext
     from fedtail.config import FedtailConfig
 
+
+def linear_head_problem(cfg: FedtailConfig, needs: str) -> str | None:
+    """Why a method that works on a linear classifier's rows cannot run with ``cfg``'s head, or None;
+    ``needs`` says what it does with them."""
+    if cfg.model.classifier == "linear":
+        return None
+    return (
+        f"continual.method={cfg.continual.method!r} {needs}; model.classifier={cfg.model.classifier!r} "
+        "has normalised rows, not a linear classifier: use linear"
+    )
+
+
 Head = dict[str, np.ndarray]
 """A method's server-side state: named arrays (class means, bias parameters); empty by default."""
 

@@ -159,9 +159,7 @@ class BiC(Replay):
         return 1.0 - self.kd_lambda
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.ctx.previous_model(x)
-        head = self.ctx.previous_head
-        return logits if not head else self.evaluation_logits_from(logits, head)
+        return self.evaluation_logits_from(self.ctx.previous_model(x), self.ctx.previous_head or {})
 
     def extra_loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         term = old_class_distillation(

@@ -25,6 +25,7 @@ import torch
 from flwr.app import ArrayRecord
 from pydantic import Field
 
+from clients.continual import linear_head_problem
 from clients.continual.lwf import old_class_distillation
 from clients.continual.replay import MemoryOptions, Replay
 from fedtail.models import array_from_numpy, array_to_numpy
@@ -57,14 +58,9 @@ class WeightAligning(Replay):
 
     @classmethod
     def check_config(cls, cfg: FedtailConfig) -> str | None:
-        if (problem := super().check_config(cfg)) is not None:
-            return problem
-        if cfg.model.classifier != "linear":
-            return (
-                "continual.method='wa' aligns the norms of a linear classifier's rows; with "
-                f"model.classifier={cfg.model.classifier!r} they are normalised already: use linear"
-            )
-        return None
+        return super().check_config(cfg) or linear_head_problem(
+            cfg, "aligns the norms of a linear classifier's rows"
+        )
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
