@@ -42,7 +42,7 @@ from fedtail.progress import ROUND_RECORD
 from fedtail.registry import ADJUSTMENTS, CONTINUAL, STRATEGIES
 from fedtail.staging import load_staged, staged_meta
 from fedtail.tasks import TaskSchedule
-from server.evaluation import ADJUSTED_KEYS, Evaluator
+from server.evaluation import ADJUSTED_KEYS, Evaluator, LogitsFn
 from server.recorder import CONTINUAL_COLUMNS, IMBALANCE_COLUMNS, RunRecorder
 from strategies.base import FedtailStrategy
 
@@ -308,6 +308,10 @@ def _run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | N
     exchanges = method.statistics_rounds(cfg)
     options = method.Options.model_validate(cfg.continual.options)
 
+    def scored_by(head: dict[str, np.ndarray]) -> LogitsFn | None:
+        """How end-of-task evaluations compute logits: through the method's head, if it builds one."""
+        return functools.partial(method.evaluation_logits, head=head) if exchanges else None
+
     for t in range(recorder.tasks_done, n_tasks):
         seen = schedule.seen_classes(t)
         offset = 0  # rounds of this task before the stage
@@ -365,15 +369,13 @@ def _run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | N
             arrays, head = method.head_from_statistics(
                 sums, head, exchange, arrays=arrays, old=old, new=list(schedule.tasks[t]), options=options
             )
-        logits = functools.partial(method.evaluation_logits, head=head) if exchanges else None
-        result = evaluator.evaluate(arrays, seen, schedule.tasks[: t + 1], head=logits)
+        result = evaluator.evaluate(arrays, seen, schedule.tasks[: t + 1], head=scored_by(head))
         recorder.end_task(t, result, arrays, head)
 
     last = schedule.num_tasks - 1
-    logits = None
-    if exchanges:
-        logits = functools.partial(method.evaluation_logits, head=recorder.task_head)
-    final = evaluator.evaluate(arrays, schedule.seen_classes(last), schedule.tasks, head=logits)
+    final = evaluator.evaluate(
+        arrays, schedule.seen_classes(last), schedule.tasks, head=scored_by(recorder.task_head)
+    )
     return recorder.finish(to_state_dict(arrays), final)
 
 
