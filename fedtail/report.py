@@ -115,11 +115,10 @@ UI_COLUMNS = (
 """The per-round columns a UI table shows (besides each class's recall)."""
 
 
-def ui_rounds(rows: Sequence[dict[str, Any]], digits: int = 4, first_task: int = 1) -> list[dict[str, Any]]:
-    """Per-round rows for a UI table: numbers rounded to ``digits``, the per-class recalls kept
-    (``recall_<class>``), precisions and adjusted metrics left to rounds.csv; NaN as None (JSON-safe).
-    ``first_task``: how the rows number their first task (1: rounds.csv's rows, shown as they are; 0:
-    the server's own rows, shown from 1 as everywhere else)."""
+def ui_rounds(rows: Sequence[dict[str, Any]], digits: int = 4) -> list[dict[str, Any]]:
+    """Per-round rows as the run's files number them (`fedtail.runs.public_rows`) for a UI table:
+    numbers rounded to ``digits``, the per-class recalls kept (``recall_<class>``), precisions and
+    adjusted metrics left to rounds.csv; NaN as None (JSON-safe)."""
     out = []
     for row in rows:
         item: dict[str, Any] = {}
@@ -127,7 +126,7 @@ def ui_rounds(rows: Sequence[dict[str, Any]], digits: int = 4, first_task: int =
             if key not in UI_COLUMNS and not key.startswith(RECALL_PREFIX):
                 continue
             if key in ("task", "round", "global_round"):
-                value = int(value) + (1 - first_task if key == "task" else 0)
+                value = int(value)
             elif isinstance(value, float | np.floating):
                 value = None if math.isnan(value) else round(float(value), digits)
             elif isinstance(value, np.integer):
@@ -140,10 +139,6 @@ def ui_rounds(rows: Sequence[dict[str, Any]], digits: int = 4, first_task: int =
 def rounds_table(run_dir: Path) -> list[dict[str, Any]]:
     """`ui_rounds` of the run's ``rounds.csv``."""
     return ui_rounds(read_rounds(run_dir).to_dict("records"))
-
-
-def _isnan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
 
 
 # ---- formatting ----------------------------------------------------------------------------------

@@ -132,3 +132,9 @@ def claim(run_dir: Path, mode: Mode) -> Iterator[Path]:
                 raise RunFolderError(f"{run_dir} appeared meanwhile; choose another --run-id") from None
             io.write_text(run_dir / MARKER, f"fedtail run {run_dir.name}\n")
         yield run_dir
+
+
+def public_rows(rows: list[dict]) -> list[dict]:
+    """Rows as the run's files and the UI show them: tasks numbered from 1, as the log and the report do
+    (the code counts from 0; rounds are numbered from 1 already)."""
+    return [{**row, "task": int(row["task"]) + 1} if "task" in row else row for row in rows]

@@ -165,8 +165,9 @@ def simulate_task(
     def on_round(row: dict[str, Any]) -> None:
         logger.info(round_message(row, num_tasks, rounds), extra={ROUND_RECORD: True})
         bar.update(row)
-        table[:] = [r for r in table if r["global_round"] < int(row["global_round"])]
-        table.extend(ui_rounds([row], first_task=0))
+        while table and table[-1]["global_round"] >= int(row["global_round"]):
+            table.pop()  # a resumed run's rows past its checkpoint, recorded again now
+        table.extend(ui_rounds(runs.public_rows([row])))
         try:
             update_progress_artifact(progress_id, round_progress(row, total))
             now = time.monotonic()

@@ -27,6 +27,7 @@ from fedtail.metrics import (
     task_forgetting,
 )
 from fedtail.models import to_state_dict
+from fedtail.runs import public_rows
 from fedtail.tasks import TaskSchedule
 
 #: imbalance metrics of every round's row (rounds.csv), also reported as ``final_<name>`` in metrics.json
@@ -183,12 +184,6 @@ def confusion_csv(matrix: np.ndarray, labels: list[int]) -> str:
         for c, row in zip(labels, np.asarray(matrix).tolist(), strict=True)
     ]
     return csv_text(rows)
-
-
-def public_rows(rows: list[dict]) -> list[dict]:
-    """Rows as the run's files show them: tasks numbered from 1, as the log, the report and the UI do
-    (the code counts from 0; rounds are numbered from 1 already)."""
-    return [{**row, "task": int(row["task"]) + 1} if "task" in row else row for row in rows]
 
 
 class RunRecorder:
