@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.run_id = runs.new_run_id(cfg)  # known up front, so an interrupted run can say its id
                 cfg = _config(args)
             run_dir = pipeline.new_run_dir(cfg, root)
-            print(f"run {run_dir.name}: {run_dir}", flush=True)  # within a second, before the heavy imports
+            print(
+                f"run {run_dir.name}: {run_dir}", flush=True
+            )  # before the target checks and the run's imports
             pipeline.check_run_target(cfg, run_dir, _mode(args))
         if args.command in ("run", "serve", "stage", "partition", "simulate"):
             check_versioned(cfg, root)

@@ -54,16 +54,11 @@ class RoundProgress:
 
     def __init__(
         self, total_rounds: int, num_tasks: int, rounds_per_task: int, enabled: bool | None = None,
-        stream: TextIO | None = None, done: int = 0,
+        stream: TextIO | None = None,
     ) -> None:  # fmt: skip
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.total, self.num_tasks, self.rounds_per_task, self.done = (
-            total_rounds,
-            num_tasks,
-            rounds_per_task,
-            done,
-        )
+        self.total, self.num_tasks, self.rounds_per_task = total_rounds, num_tasks, rounds_per_task
         self._progress = None
         self._task = None
         self._filtered: list[logging.Handler] = []
@@ -94,7 +89,7 @@ class RoundProgress:
             console=Console(file=self.stream),
         )
         self._progress.start()
-        self._task = self._progress.add_task("starting", total=self.total, completed=self.done, metrics="")
+        self._task = self._progress.add_task("starting", total=self.total, completed=0, metrics="")
         self._filtered = _terminal_handlers(self.stream)
         for handler in self._filtered:
             handler.addFilter(self._filter)
