@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -91,9 +92,16 @@ def _checked_options(
 
 
 def _plugin_options(registry: Registry, name_field: str) -> Any:
-    """A ``dict`` checked against the ``Options`` of the plug-in that the sibling ``name_field`` names."""
+    """A ``dict`` checked against the ``Options`` of the plug-in that the sibling ``name_field`` names.
+
+    The default (``{}``) is validated too, so options left out are filled with their defaults exactly as
+    options written out are: one config has one form (`FedtailConfig.to_yaml`, every fingerprint), and a
+    run resumed from its own ``config.yaml`` is recognised as the same experiment.
+    """
     return Annotated[
-        dict[str, Any], AfterValidator(functools.partial(_checked_options, registry, name_field))
+        dict[str, Any],
+        Field(validate_default=True),
+        AfterValidator(functools.partial(_checked_options, registry, name_field)),
     ]
 
 
@@ -544,19 +552,54 @@ class FedtailConfig(_Section):
         data = self.model_dump(mode="json")
         if sections:
             data = {s: _get_dotted(data, s) for s in sections}
-        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return _digest(data)
 
     def experiment_fingerprint(self) -> str:
         """Hash of what shapes the results: everything but where outputs go, the engine, the schedule.
 
         (The engines give identical results, so a run may resume on another one.)
         """
-        sections = [k for k in type(self).model_fields if k not in ("output", "engine", "serve")]
-        return self.fingerprint(*sections)
+        return self.fingerprint(*_EXPERIMENT_SECTIONS)
+
+    def legacy_experiment_fingerprints(self) -> set[str]:
+        """The experiment fingerprints fedtail before canonical options (up to c40e41b) may have given
+        this config: it hashed plug-in options left out of a config as ``{}`` and options written out
+        with their defaults filled in, so a plug-in at its defaults hashed either way. Checkpoints and
+        sweep run folders of those versions are still recognised through these."""
+        data = {s: _get_dotted(self.model_dump(mode="json"), s) for s in _EXPERIMENT_SECTIONS}
+        at_defaults = [
+            (section, registry)
+            for section, (registry, name_field) in _OPTIONS_OF.items()
+            if data[section]["options"]
+            and data[section]["options"] == check_options(registry, data[section][name_field], {})
+        ]
+        found = set()
+        for emptied in itertools.product((False, True), repeat=len(at_defaults)):
+            variant = json.loads(json.dumps(data))
+            for (section, _), empty in zip(at_defaults, emptied, strict=True):
+                if empty:
+                    variant[section]["options"] = {}
+            found.add(_digest(variant))
+        return found
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+_EXPERIMENT_SECTIONS = tuple(k for k in FedtailConfig.model_fields if k not in ("output", "engine", "serve"))
+_OPTIONS_OF: dict[str, tuple[Registry, str]] = {
+    "partition": (PARTITIONERS, "method"),
+    "strategy": (STRATEGIES, "name"),
+    "train": (OBJECTIVES, "objective"),
+    "continual": (CONTINUAL, "method"),
+    "evaluation": (ADJUSTMENTS, "adjustment"),
+}
+"""Each section with plug-in options: the registry and the field naming the plug-in."""
+
+
+def _digest(data: Any) -> str:
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 # ---- loading -------------------------------------------------------------------------------------

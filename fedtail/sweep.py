@@ -251,12 +251,24 @@ def expand(spec: SweepSpec, root: Path, sweep_dir: Path) -> list[Cell]:
                         ({**labels, SEED: seed}, str(err).removeprefix("invalid fedtail config:\n"))
                     )
                     continue
-                run_id = f"r-{cfg.experiment_fingerprint()}-{data_md5(cfg, root)[:8] or 'unversioned'}"
+                run_id = _cell_run_id(cfg, data_md5(cfg, root)[:8] or "unversioned", sweep_dir / "runs")
                 cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"run_id": run_id})})
                 cells.append(Cell(labels, seed, cfg))
     if problems:
         raise InvalidCells(problems=problems)
     return cells
+
+
+def _cell_run_id(cfg: FedtailConfig, data_version: str, runs_dir: Path) -> str:
+    """``r-<experiment fingerprint>-<data version>``; where only a folder named by an older fedtail's
+    fingerprint of the same experiment exists (`FedtailConfig.legacy_experiment_fingerprints`), that
+    one, so a sweep continued after an upgrade keeps its finished and crashed runs."""
+    run_id = f"r-{cfg.experiment_fingerprint()}-{data_version}"
+    if not (runs_dir / run_id).exists():
+        for legacy in sorted(cfg.legacy_experiment_fingerprints()):
+            if runs.is_run(runs_dir / f"r-{legacy}-{data_version}"):
+                return f"r-{legacy}-{data_version}"
+    return run_id
 
 
 def labels_to_overrides(labels: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:

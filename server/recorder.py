@@ -74,7 +74,8 @@ def read_checkpoint(run_dir: Path, cfg: FedtailConfig) -> dict | None:
         raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {first}); {_UNUSABLE}") from None
     if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{path} is not a fedtail checkpoint (format {CHECKPOINT_FORMAT}); {_UNUSABLE}")
-    if state["config_fingerprint"] != cfg.experiment_fingerprint():
+    written = state["config_fingerprint"]
+    if written != cfg.experiment_fingerprint() and written not in cfg.legacy_experiment_fingerprints():
         raise CheckpointError(
             f"{run_dir}: its checkpoint was written with a different config; resume with the run's own "
             "config.yaml (fedtail run --resume RUN_ID) or choose a new output.run_id"

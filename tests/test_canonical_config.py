@@ -1,0 +1,103 @@
+"""One config, one form: plug-in options left out, written as ``{}`` or spelled out with their defaults are
+the same config everywhere a config is identified (config.yaml, fingerprints, checkpoints, sweep run
+folders, Flower's run-config), for every registered plug-in."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fedtail import pipeline, runs
+from fedtail.config import (
+    _OPTIONS_OF,
+    apply_overrides,
+    build_config,
+    check_options,
+    from_run_config,
+    load_config,
+    read_config_file,
+    to_run_config,
+)
+from server.recorder import CHECKPOINT, CheckpointError, read_checkpoint
+from tests.conftest import crashed_run, smoke_config
+from tests.plugins import CASES, REFUSED, SMOKE, Case
+
+
+def test_every_plugin_has_a_case() -> None:
+    assert not REFUSED, f"plug-ins no setting of tests/plugins.py SETTINGS accepts: {REFUSED}"
+    assert {c.section for c in CASES} == set(_OPTIONS_OF)
+
+
+def _spellings(case: Case) -> list[dict]:
+    """The case's config with its options left out, written as ``{}``, and written out in full."""
+    registry, _ = _OPTIONS_OF[case.section]
+    base = apply_overrides(read_config_file(SMOKE), case.overrides)
+    defaults = check_options(registry, case.name, {})
+    return [
+        base,
+        apply_overrides(base, {f"{case.section}.options": {}}),
+        apply_overrides(base, {f"{case.section}.options": defaults}),
+    ]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_options_have_one_form_however_they_are_written(case: Case) -> None:
+    configs = [build_config(data) for data in _spellings(case)]
+    assert len({c.to_yaml() for c in configs}) == 1
+    assert len({c.experiment_fingerprint() for c in configs}) == 1
+    assert len({c.fingerprint() for c in configs}) == 1
+    cfg = configs[0]
+    registry, _ = _OPTIONS_OF[case.section]
+    assert getattr(cfg, case.section).options == check_options(registry, case.name, {})
+    # what a resume, `flwr run` and a Prefect deployment read back is the same config again
+    assert build_config(yaml.safe_load(cfg.to_yaml())) == cfg
+    assert from_run_config(to_run_config(cfg)) == cfg
+
+
+def test_a_crashed_run_with_options_left_out_resumes_from_its_own_config_yaml(project: Path) -> None:
+    """The issue's case: `fedtail run --resume` reads the run's config.yaml (options written out) and
+    must recognise the checkpoint the run wrote from a config that left them out."""
+    cfg = smoke_config(project, **{"continual.method": "replay", "output.run_id": "left-out"})
+    run_dir = crashed_run(cfg, project, crash_at=2)
+    resumed = load_config(run_dir / "config.yaml")
+    pipeline.check_run_target(resumed, run_dir, runs.Mode.RESUME)  # raised CheckpointError before
+    staged = pipeline.stage(resumed, project)
+    pipeline.simulate(
+        resumed, staged, pipeline.partition(resumed, staged, project), run_dir, mode=runs.Mode.RESUME
+    )
+    assert runs.finished(run_dir)
+
+
+def _old_fingerprint(cfg) -> str:
+    """fedtail up to c40e41b: options left out hashed as ``{}``, over every section but output, engine
+    and serve (written out here independently of the code under test)."""
+    data = cfg.model_dump(mode="json")
+    data = {k: v for k, v in data.items() if k not in ("output", "engine", "serve")}
+    data["continual"]["options"] = {}
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def test_checkpoints_of_the_old_fingerprint_still_resume_and_foreign_ones_do_not(project: Path) -> None:
+    cfg = smoke_config(project, **{"continual.method": "replay", "output.run_id": "old-format"})
+    run_dir = crashed_run(cfg, project, crash_at=2)
+    state = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    state["config_fingerprint"] = _old_fingerprint(cfg)
+    torch.save(state, run_dir / CHECKPOINT)
+    assert read_checkpoint(run_dir, load_config(run_dir / "config.yaml")) is not None
+    other = smoke_config(project, **{"continual.method": "replay", "continual.options.memory_size": 300})
+    assert other.legacy_experiment_fingerprints().isdisjoint(cfg.legacy_experiment_fingerprints())
+    with pytest.raises(CheckpointError, match="written with a different config"):
+        read_checkpoint(run_dir, other)
+
+
+def test_legacy_fingerprints_only_relax_options_at_their_defaults() -> None:
+    changed = build_config({"continual": {"method": "replay", "options": {"memory_size": 300}}})
+    assert changed.legacy_experiment_fingerprints() == {changed.experiment_fingerprint()}
+    default = build_config({"continual": {"method": "replay"}, "train": {"objective": "focal"}})
+    assert len(default.legacy_experiment_fingerprints()) == 4  # continual and train options, each either way
