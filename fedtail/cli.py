@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"run {run_dir.name}: {run_dir}", flush=True
             )  # before the target checks and the run's imports
             pipeline.check_run_target(cfg, run_dir, _mode(args))
+            if _mode(args) is runs.Mode.RESUME and runs.finished(run_dir):
+                return _resume_finished(run_dir)
         if args.command in ("run", "serve", "stage", "partition", "simulate"):
             check_versioned(cfg, root)
         if args.command == "sweep":
@@ -258,6 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     except DataIntegrityError as err:  # data not versioned, or not matching data.dvc
         print(f"fedtail: {err}", file=sys.stderr)
         return 1
+
+
+def _resume_finished(run_dir: Path) -> int:
+    """``--resume`` of a run that ended: nothing to train; only a report it lacks is written."""
+    from fedtail import pipeline
+
+    report = run_dir / "report.md"
+    if report.is_file():
+        print(f"fedtail: run {run_dir.name} finished already; nothing to resume (report: {report})")
+    else:
+        print(f"fedtail: run {run_dir.name} finished already; writing its missing report")
+        print(f"report: {pipeline.report(run_dir)}")
+    return 0
 
 
 @contextlib.contextmanager

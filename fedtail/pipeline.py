@@ -144,6 +144,9 @@ def simulate(
     job = Job(cfg, Path(staged_dir).resolve(), Path(partition_dir).resolve())
     with runs.claim(run_dir, mode) as run_dir:
         read_checkpoint(run_dir, cfg)  # a foreign checkpoint fails here, before anything is written
+        if mode is runs.Mode.RESUME and runs.finished(run_dir):
+            log.info("run %s finished already; nothing to resume", run_dir.name)
+            return run_dir  # its files stay exactly as they are
         write_run_header(job, run_dir)
         start = time.perf_counter()
         server_app = build_server_app(job, run_dir, on_round)

@@ -70,6 +70,11 @@ def is_run(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and (path / MARKER).is_file()
 
 
+def finished(run_dir: Path) -> bool:
+    """A run whose federation ended: ``metrics.json`` is the recorder's last write."""
+    return is_run(run_dir) and (run_dir / "metrics.json").is_file()
+
+
 def check_target(run_dir: Path, mode: Mode) -> None:
     """Refuse, before any work, what `claim` would refuse for lack of a marker or an existing folder."""
     run_dir = run_path(run_dir.parent, run_dir.name)

@@ -207,3 +207,36 @@ def test_cli_refuses_an_unusable_checkpoint_before_any_work(
     assert main(args) == 2
     assert "written with a different config" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()  # nothing staged or partitioned for a run that cannot resume
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--resume` on a run that ended (its options left out, as the issue's replay run) exits 0 and
+    touches no file; one whose report went missing gets that report and nothing else."""
+    method = ["--set", "continual.method=replay"]
+    assert main(["simulate", *_cli(project, tmp_path, "--run-id", "f", *method)]) == 0
+    run_dir = tmp_path / "runs" / "f"
+    assert main(["report", *_cli(project, tmp_path, "--run-id", "f")]) == 0
+    before = _files(run_dir)
+    capsys.readouterr()
+    resume = ["run", "--root", str(project), "--set", f"output.runs_dir={tmp_path / 'runs'}", "--resume", "f"]
+    assert main(resume) == 0
+    out, err = capsys.readouterr()
+    assert "run f finished already; nothing to resume" in out and not err
+    assert _files(run_dir) == before
+    assert main(["simulate", *_cli(project, tmp_path, "--run-id", "f", "--resume", *method)]) == 0
+    assert "finished already" in capsys.readouterr().out
+    assert _files(run_dir) == before
+
+    (run_dir / "report.md").unlink()
+    assert main(resume) == 0
+    assert "writing its missing report" in capsys.readouterr().out
+    assert _files(run_dir).keys() == before.keys()
+    assert {k: v for k, v in _files(run_dir).items() if not k.startswith(("plots", "report"))} == {
+        k: v for k, v in before.items() if not k.startswith(("plots", "report"))
+    }
