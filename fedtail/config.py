@@ -754,6 +754,23 @@ def load_config(
     return build_config(apply_overrides(data, overrides), schedule=schedule)
 
 
+MAX_FILE_BYTES = 2**20
+"""Config and sweep files are refused past this size, unread: one of hundreds of MB took minutes to parse."""
+
+
+def read_small_file(p: Path, where: str) -> bytes:
+    """At most `MAX_FILE_BYTES` of ``p``; a larger file (or an endless one such as /dev/zero) is refused."""
+    with p.open("rb") as fh:
+        raw = fh.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:
+        size = p.stat().st_size
+        raise ConfigError(
+            f"{where} is {f'{size / 2**20:.0f} MiB' if size else 'endless'}, over the limit of "
+            f"{MAX_FILE_BYTES // 2**20} MiB for a YAML file of fedtail: is it the right file?"
+        )
+    return raw
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file, or a ConfigError naming the file (and line) and the problem.
 
@@ -765,7 +782,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if p.is_dir():
         raise ConfigError(f"{where} is a directory; give a YAML file, e.g. --config params.yaml")
     try:
-        raw = p.read_bytes()
+        raw = read_small_file(p, where)
     except FileNotFoundError:
         raise ConfigError(f"{where} not found") from None
     except OSError as err:

@@ -1,6 +1,7 @@
 """Atomic file writes: every output is written to a temp file in the same folder, then renamed.
 
-A crash leaves either the old file or the new one, never half of one.
+A crash leaves either the old file or the new one, never half of one. A write the disk, a file-size limit
+or a permission stops raises `fedtail.errors.WriteError` naming the file meant (not its temp file).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from fedtail.errors import WriteError, is_write_error
+
 
 def under(root: str | os.PathLike[str], sub: str | os.PathLike[str]) -> Path:
     """``sub`` if absolute, else ``root / sub``: how every configured output folder is resolved."""
@@ -24,35 +27,55 @@ def under(root: str | os.PathLike[str], sub: str | os.PathLike[str]) -> Path:
 
 
 @contextlib.contextmanager
+def _naming(target: Path) -> Iterator[None]:
+    """Re-raise a write error (disk full, ...) as a `WriteError` of ``target``; the writers (torch.save,
+    PIL) report it without a file name, or with the temp file's."""
+    try:
+        yield
+    except OSError as err:
+        if not is_write_error(err) or isinstance(err, WriteError):
+            raise
+        raise WriteError(err.errno, err.strerror, str(target)) from err
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path beside ``path``; rename it onto ``path`` if the block succeeds."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared like any file
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _naming(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared like any file
+        try:
+            yield Path(tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp folder beside ``path``; on success it replaces ``path`` whole (else it is removed)."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with _naming(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            try:
+                yield tmp
+            except WriteError as err:  # a file of the temp folder: name it as it would be in ``target``
+                if not str(err.filename).startswith(f"{tmp}{os.sep}"):
+                    raise
+                name = target / Path(err.filename).relative_to(tmp)
+                raise WriteError(err.errno, err.strerror, str(name)) from err
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -151,12 +151,41 @@ def _variant_files(cfg: FedtailConfig, root: Path) -> tuple[Path, dict[str, Path
     return dvc_file, files
 
 
+def _invalid_dvc_file(dvc_file: Path, problem: str) -> DataIntegrityError:
+    """A ``data.dvc`` that neither fedtail nor DVC can read, with the two ways back."""
+    return DataIntegrityError(
+        f"{dvc_file} is not a valid DVC file: {problem}. If it was edited by hand, restore the committed "
+        f"version with `git checkout {dvc_file}`, or delete it and record each dataset again with "
+        "`fedtail data add DATASET`"
+    )
+
+
 def _recorded(dvc_file: Path) -> dict[str, str]:
-    """``{output path: md5}`` of every output recorded in ``data.dvc`` (read as YAML: no DVC import)."""
+    """``{output path: md5}`` of every output recorded in ``data.dvc`` (read as YAML: no DVC import);
+    a file of another shape is refused here, before any work, instead of in DVC's tracebacks."""
     if not dvc_file.is_file():
         return {}
-    doc = yaml.safe_load(dvc_file.read_text()) or {}
-    return {str(o.get("path")): str(o.get("md5", "")) for o in doc.get("outs") or []}
+    try:
+        doc = yaml.safe_load(dvc_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _invalid_dvc_file(dvc_file, "not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise _invalid_dvc_file(
+            dvc_file, f"{where}invalid YAML ({getattr(err, 'problem', None) or err})"
+        ) from None
+    outs = (doc or {}).get("outs") if isinstance(doc, dict) or doc is None else doc
+    if not isinstance(doc, dict | None) or not isinstance(outs, list | None):
+        raise _invalid_dvc_file(dvc_file, "expected a mapping with a list of outs:")
+    recorded = {}
+    for i, out in enumerate(outs or []):
+        if not isinstance(out, dict) or not isinstance(out.get("path"), str):
+            raise _invalid_dvc_file(dvc_file, f"outs entry {i + 1} has no path")
+        if out.get("md5") in (None, ""):
+            raise _invalid_dvc_file(dvc_file, f"outs entry {i + 1} ({out['path']}) has no md5")
+        recorded[out["path"]] = str(out["md5"])
+    return recorded
 
 
 def data_md5(cfg: FedtailConfig, root: Path = Path(".")) -> str:
@@ -204,11 +233,27 @@ def _open_repo(root: Path) -> Repo:
     return repo
 
 
+def _load_stage(repo: Repo, dvc_file: Path) -> Any:
+    """DVC's stage of ``data.dvc``; what `_recorded` lets through (e.g. a key DVC does not know) as one
+    `DataIntegrityError` instead of DVC's chained tracebacks."""
+    from dvc.exceptions import DvcException
+
+    try:
+        return repo.stage.load_one(str(dvc_file))
+    except DvcException as err:
+        cause = err.__cause__
+        errors = getattr(cause, "errors", [cause] if cause else [])
+        details = "; ".join(
+            f"{'.'.join(map(str, getattr(e, 'path', [])))}: {getattr(e, 'msg', e)}" for e in errors
+        )
+        raise _invalid_dvc_file(dvc_file, details or str(err)) from None
+
+
 def _outs(repo: Repo, dvc_file: Path, paths: Iterable[str]) -> list[Output]:
     """The outputs of ``data.dvc`` for ``paths``, loaded fresh (an Output caches nothing about the
     workspace)."""
     wanted = set(paths)
-    return [o for o in repo.stage.load_one(str(dvc_file)).outs if o.def_path in wanted]
+    return [o for o in _load_stage(repo, dvc_file).outs if o.def_path in wanted]
 
 
 def _has_remote(repo: Repo) -> bool:
@@ -418,7 +463,8 @@ def add_data(cfg: FedtailConfig, root: Path = Path(".")) -> tuple[list[str], boo
         if absent:
             _materialize(spec, cfg, root, raw, absent)
         if dvc_file.is_file():
-            stage = repo.stage.load_one(str(dvc_file))
+            _recorded(dvc_file)  # an invalid file refused as `check_versioned` refuses it
+            stage = _load_stage(repo, dvc_file)
         else:
             stage = repo.stage.create(
                 single_stage=True, validate=False, fname=str(dvc_file), wdir=str(dvc_file.parent), outs=[]

@@ -35,6 +35,7 @@ from fedtail.partition import partition_problems
 from fedtail.progress import ROUND_RECORD, RoundProgress, round_description
 from fedtail.report import embedded_report_markdown, rounds_table, ui_rounds
 from fedtail.staging import check_versioned, ensure_raw, staged_problems
+from flows.errors import fails_cleanly
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,7 @@ def _run_name() -> str:
 
 
 @flow(name="fedtail-pipeline", flow_run_name=_run_name)
+@fails_cleanly
 def fl_pipeline(
     config_path: str = "params.yaml",
     overrides: dict[str, Any] | None = None,
@@ -232,7 +234,8 @@ def fl_pipeline(
     """Run the whole experiment; returns the run folder. Data steps are cached across runs.
 
     An existing run folder is refused unless ``resume`` (continue its checkpoint) or ``overwrite``
-    (replace it) is set; both are checked before any task runs.
+    (replace it) is set; both are checked before any task runs. fedtail's own errors end the run as
+    Failed with their message (`flows.errors.fails_cleanly`).
     """
     cfg = load_config(config_path, overrides or {})
     mode = runs.Mode.from_flags(resume, overwrite)

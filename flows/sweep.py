@@ -22,6 +22,7 @@ from prefect.logging import get_run_logger
 from fedtail import io, pipeline, sweep
 from fedtail.config import FedtailConfig, check_paths, check_run_id, load_config
 from fedtail.staging import check_versioned, ensure_raw
+from flows.errors import fails_cleanly
 
 SUMMARY_ARTIFACT = "fedtail-sweep-summary"
 RUNS_ARTIFACT = "fedtail-sweep-runs"
@@ -67,6 +68,7 @@ class _Data:
 
 
 @flow(name="fedtail-sweep", flow_run_name="sweep-{sweep_id}")
+@fails_cleanly
 def fl_sweep(
     sweep_path: str,
     sweep_id: str,

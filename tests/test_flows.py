@@ -7,6 +7,7 @@ result store, so nothing lands in ``~/.prefect``.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Iterator
@@ -299,3 +300,92 @@ def test_flow_refuses_an_existing_run_before_any_task(prefect_server: None, tmp_
     time.sleep(1.0)
     assert task_states(state, expected=0, timeout=0) == {}
     assert (run_dir / "metrics.json").read_text() == "{}\n"
+
+
+def _flow_run_message(state: Any) -> str | None:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(state.state_details.flow_run_id).state.message
+
+
+def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_a_run_in_progress_fails_the_flow_with_its_one_line(
+    prefect_server: None, project: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fedtail's own error raised inside a task (here the run lock, in simulate) ends the flow run as
+    Failed with that error's message, and Prefect logs no ERROR record or traceback about it."""
+    from fedtail import runs
+
+    overrides = {
+        "output.data_dir": str(project / "data"),
+        "output.artifacts_dir": str(tmp_path / "artifacts"),
+        "output.runs_dir": str(tmp_path / "runs"),
+        "output.run_id": "busy",
+    }
+    (tmp_path / "runs").mkdir()
+    with runs.lock_run(tmp_path / "runs" / "busy"):  # another process writing the run
+        state = fl_pipeline(config_path=SMOKE, overrides=overrides, root=str(project), return_state=True)
+    assert state.is_failed()
+    assert isinstance(state.result(raise_on_failure=False), runs.RunFolderError)
+    message = _flow_run_message(state)
+    assert message is not None and message.startswith("run 'busy' is being written by process "), message
+    assert _errors_logged(caplog) == []
+
+
+def test_corrupted_raw_data_fails_the_flow_with_its_one_line(
+    prefect_server: None, project: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    copy = tmp_path / "project"
+    shutil.copytree(project, copy)
+    images = copy / "data" / "digits" / "images.npy"
+    good = images.read_bytes()
+    images.unlink()  # never write through a DVC link
+    images.write_bytes(good[:-4] + bytes(b ^ 0xFF for b in good[-4:]))
+    overrides = {"output.runs_dir": str(tmp_path / "runs"), "output.run_id": "corrupt"}
+    state = fl_pipeline(config_path=SMOKE, overrides=overrides, root=str(copy), return_state=True)
+    assert state.is_failed()
+    message = _flow_run_message(state)
+    assert message is not None and message.startswith("digits in data/ does not match"), message
+    assert _errors_logged(caplog) == []
+
+
+def test_disk_full_while_writing_the_report_leaves_a_run_to_report_later(
+    prefect_server: None,
+    project: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`fedtail run` whose disk fills while the report's plots are written: one line naming the plot and
+    the command that finishes the report, which then does."""
+    import errno
+
+    from fedtail import io, report
+    from fedtail.cli import main
+
+    def full(fh: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def plots(run_dir: Path) -> None:  # the first plot's PNG write fails as on a full disk
+        io.write_with(Path(run_dir) / "plots" / "balanced_accuracy.png", full)
+
+    args = ["--config", SMOKE, "--root", str(project), "--set", f"output.data_dir={project / 'data'}"]
+    args += ["--set", f"output.artifacts_dir={tmp_path / 'artifacts'}"]
+    args += ["--set", f"output.runs_dir={tmp_path / 'runs'}", "--run-id", "full"]
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "write_plots", plots)
+        assert main(["run", *args]) == 1
+    err = capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "full"
+    assert err.startswith(f"fedtail: cannot write {run_dir / 'plots' / 'balanced_accuracy.png'}: ") and (
+        "Traceback" not in err
+    ), err
+    assert "no space left on the device; free some space, then write its report" in err
+    assert err.strip().endswith(
+        f"fedtail report --run-id full --root {project} --set output.runs_dir={tmp_path / 'runs'}"
+    ), err
+    assert not (run_dir / "report.md").exists() and (run_dir / "metrics.json").is_file()
+    assert main(["report", *args]) == 0
+    assert (run_dir / "report.md").is_file()
