@@ -144,6 +144,7 @@ def test_ctrl_c_before_the_run_folder_exists_offers_no_resume(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(flows.pipeline, "fl_pipeline", interrupted)
+    monkeypatch.setattr("fedtail.prefect_server.check_api", lambda url: None)  # nothing answers there
     args = ["run", "--config", SMOKE, "--set", f"output.runs_dir={tmp_path}", "--run-id", "x"]
     try:
         with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # no temporary server
