@@ -244,7 +244,8 @@ def test_quantity_skew_floor_is_checked() -> None:
 def test_options_are_checked_typed_and_filled() -> None:
     cfg = cfg_for("pathological", options={"num_classes_per_partition": 3})
     assert cfg.partition.options == {"num_classes_per_partition": 3, "class_assignment_mode": "random"}
-    assert cfg_for("quantity_skew").partition.options == {}  # as strategy.options: defaults at use
+    left_out = {"distribution": "dirichlet", "beta": 0.5, "sigma": 0.3}  # filled like options written out
+    assert cfg_for("quantity_skew").partition.options == left_out
     assert cfg_for("dirichlet", alpha=0.1, min_partition_size=2).partition.options == {}
 
 
