@@ -311,6 +311,13 @@ class TrainConfig(_Section):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    keep_optimizer_state: bool = Field(
+        False,
+        description="Keep each client's optimiser state (SGD momentum buffers, Adam's moments) in its "
+        "client state across the rounds of a task, as a centralised training loop keeps it; a new task "
+        "starts afresh, as PyCIL and Avalanche do. false (FedAvg's local SGD, the FL standard): a fresh "
+        "optimiser every round.",
+    )
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     sampler: Literal["shuffle", "class_balanced"] = Field(
         "shuffle",
