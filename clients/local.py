@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
 from clients.oversampling import is_flat, smote, smote_features
-from fedtail.models import on_device
+from fedtail.models import array_from_numpy, array_to_numpy, on_device
 from fedtail.partition import load_client
 from fedtail.protocol import Job
 from fedtail.registry import CONTINUAL, OBJECTIVES
@@ -191,6 +191,40 @@ def make_optimizer(model: nn.Module, job: Job, lr: float | None = None) -> torch
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=t.weight_decay)
 
 
+OPTIMIZER_KEY = "optimizer"
+OPTIMIZER_TASK_KEY = "optimizer-task"
+
+
+def restore_optimizer_state(optimizer: torch.optim.Optimizer, ctx: LocalContext) -> None:
+    """Load the per-parameter state this client's optimiser had at the end of its last round of the
+    current task (`train.keep_optimizer_state`); the learning rate stays this round's. Nothing is loaded
+    at a task's first round, or for another optimiser than the one that saved it."""
+    meta = ctx.state.get(OPTIMIZER_TASK_KEY)
+    kind = ctx.job.config.train.optimizer
+    if meta is None or int(meta["task"]) != ctx.task or meta["optimizer"] != kind:
+        return
+    record = ctx.state[OPTIMIZER_KEY]
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, array in record.items():
+        index, name = key.split("/", 1)
+        per_param.setdefault(int(index), {})[name] = torch.from_numpy(array_to_numpy(array).copy())
+    optimizer.load_state_dict({"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer, ctx: LocalContext) -> None:
+    """The optimiser's per-parameter state into the client's state, as ``<param index>/<name>`` arrays
+    (checkpointed with the run, so a resumed run continues with the same momentum)."""
+    record = ArrayRecord()
+    for index, entries in optimizer.state_dict()["state"].items():
+        for name, value in entries.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            record[f"{index}/{name}"] = array_from_numpy(tensor.detach().cpu().numpy())
+    ctx.state[OPTIMIZER_KEY] = record
+    ctx.state[OPTIMIZER_TASK_KEY] = ConfigRecord(
+        {"task": ctx.task, "optimizer": ctx.job.config.train.optimizer}
+    )
+
+
 def epoch_order(y: torch.Tensor, sampler: str, generator: torch.Generator) -> torch.Tensor:
     """One epoch's sample order over labels ``y`` (on the CPU).
 
@@ -253,6 +287,8 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
         fy = fy.to(ctx.device)
     objective.begin()
     optimizer = make_optimizer(model, ctx.job, cfg.train.lr * objective.lr_scale() * method.lr_scale())
+    if cfg.train.keep_optimizer_state:
+        restore_optimizer_state(optimizer, ctx)
     generator = torch.Generator().manual_seed(seed)
     bs = cfg.train.batch_size
     total, steps = 0.0, 0
@@ -289,6 +325,8 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
             steps += 1
     objective.end()
     method.end_round()
+    if cfg.train.keep_optimizer_state:
+        save_optimizer_state(optimizer, ctx)
     return total / max(steps, 1), n_real
 
 

@@ -22,7 +22,7 @@ from fedtail.config import (
     load_config,
     parse_override,
 )
-from fedtail.errors import EnvironmentProblem, describe_write_error, is_write_error
+from fedtail.errors import EnvironmentProblem, RunError, describe_write_error, is_write_error
 from fedtail.staging import DataIntegrityError, check_versioned
 
 log = logging.getLogger("fedtail")
@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (DataIntegrityError, EnvironmentProblem) as err:  # data not as recorded; Prefect unusable
         print(f"fedtail: {err}", file=sys.stderr)
+        return 1
+    except RunError as err:  # e.g. every client diverged: the same config would only diverge again
+        print(f"fedtail: {err}; change that setting and start again (--overwrite)", file=sys.stderr)
         return 1
     except OSError as err:  # a full disk, a file-size limit, a read-only folder: what to do next
         if not is_write_error(err):

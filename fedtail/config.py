@@ -311,6 +311,13 @@ class TrainConfig(_Section):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    keep_optimizer_state: bool = Field(
+        False,
+        description="Keep each client's optimiser state (SGD momentum buffers, Adam's moments) in its "
+        "client state across the rounds of a task, as a centralised training loop keeps it; a new task "
+        "starts afresh, as PyCIL and Avalanche do. false (FedAvg's local SGD, the FL standard): a fresh "
+        "optimiser every round.",
+    )
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     sampler: Literal["shuffle", "class_balanced"] = Field(
         "shuffle",
@@ -564,9 +571,14 @@ class FedtailConfig(_Section):
     def legacy_experiment_fingerprints(self) -> set[str]:
         """The experiment fingerprints fedtail before canonical options (up to c40e41b) may have given
         this config: it hashed plug-in options left out of a config as ``{}`` and options written out
-        with their defaults filled in, so a plug-in at its defaults hashed either way. Checkpoints and
-        sweep run folders of those versions are still recognised through these."""
+        with their defaults filled in, so a plug-in at its defaults hashed either way, and it had none
+        of the `ADDED_FIELDS` (a config holding their old behaviour hashes without them). Checkpoints
+        and sweep run folders of those versions are still recognised through these."""
         data = {s: _get_dotted(self.model_dump(mode="json"), s) for s in _EXPERIMENT_SECTIONS}
+        for key, before in ADDED_FIELDS.items():
+            section, name = key.rsplit(".", 1)
+            if _get_dotted(data, section).get(name) == before:
+                del _get_dotted(data, section)[name]
         at_defaults = [
             (section, registry)
             for section, (registry, name_field) in _OPTIONS_OF.items()
@@ -585,6 +597,11 @@ class FedtailConfig(_Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+
+ADDED_FIELDS: dict[str, Any] = {"train.keep_optimizer_state": False}
+"""Experiment fields added since c40e41b, each with the value that behaves as fedtail did before it
+existed. Adding a field to the config changes every fingerprint; listing it here keeps the runs of older
+versions resumable (`FedtailConfig.legacy_experiment_fingerprints`)."""
 
 _EXPERIMENT_SECTIONS = tuple(k for k in FedtailConfig.model_fields if k not in ("output", "engine", "serve"))
 _OPTIONS_OF: dict[str, tuple[Registry, str]] = {

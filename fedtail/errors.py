@@ -23,6 +23,11 @@ class EnvironmentProblem(RuntimeError):
     """The machine or a service fedtail needs fails it; the message says what to change."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on because of what happened in it (every client update of a round failed or
+    diverged); the message says which clients, why, and the setting to change."""
+
+
 class WriteError(OSError):
     """Writing one of fedtail's own files failed (``filename``: the file meant, not its temp file)."""
 

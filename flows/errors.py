@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 from prefect.states import Failed
 
 from fedtail.config import ConfigError
-from fedtail.errors import EnvironmentProblem, describe_write_error, is_write_error
+from fedtail.errors import EnvironmentProblem, RunError, describe_write_error, is_write_error
 from fedtail.staging import DataIntegrityError
 
-EXPECTED: tuple[type[BaseException], ...] = (ConfigError, DataIntegrityError, EnvironmentProblem)
+EXPECTED: tuple[type[BaseException], ...] = (ConfigError, DataIntegrityError, EnvironmentProblem, RunError)
 """fedtail's own error classes (RunFolderError, CheckpointError, ... subclass ConfigError)."""
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -23,14 +23,33 @@ from clients.state import split_state
 from clients.state import to_bytes as state_to_bytes
 from fedtail import protocol as P
 from fedtail.config import FedtailConfig
+from fedtail.errors import RunError
 from fedtail.models import array_from_numpy, array_to_numpy
 from fedtail.registry import PluginOptions
 
 log = logging.getLogger("fedtail.strategy")
 
 
-class ClientUpdateError(RuntimeError):
+class ClientUpdateError(RunError):
     """No usable client update in a round (all failed or were rejected)."""
+
+
+DIVERGED = "contains NaN or Inf"
+
+
+def divergence_hint(cfg: FedtailConfig) -> str:
+    """What produced a non-finite update and what to change: the methods in play and every learning-rate
+    setting of the local update (``train.lr`` and any plug-in's ``lr_scale`` option)."""
+    settings = [f"train.lr={cfg.train.lr}"]
+    for section in ("train", "continual"):
+        scale = getattr(cfg, section).options.get("lr_scale")
+        if scale is not None:
+            settings.append(f"{section}.options.lr_scale={scale}")
+    return (
+        f"local training diverged under continual.method={cfg.continual.method!r}, "
+        f"train.objective={cfg.train.objective!r}, strategy.name={cfg.strategy.name!r}; "
+        f"lower the local learning rate ({', '.join(settings)})"
+    )
 
 
 class RoundCounts(NamedTuple):
@@ -82,7 +101,7 @@ def check_update(pid: int, update: ArrayRecord | Decoded, reference: ArrayRecord
         if tuple(arr.shape) != tuple(ref.shape):
             return f"client {pid}: array {key!r} has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}"
         if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
-            return f"client {pid}: array {key!r} contains NaN or Inf"
+            return f"client {pid}: array {key!r} {DIVERGED}"
     return None
 
 
@@ -215,12 +234,13 @@ class FedtailStrategy:
         gr = self.global_round(server_round)
         for problem in failed:
             log.warning("round %d: failed client: %s", gr, problem)
+        hint = f" ({divergence_hint(self.cfg)})" if any(DIVERGED in p for p in rejected) else ""
         for problem in rejected:
-            log.warning("round %d: rejected update: %s", gr, problem)
+            log.warning("round %d: rejected update: %s%s", gr, problem, hint if DIVERGED in problem else "")
         if not usable:
             if failed or rejected:
                 problems = "; ".join(failed + rejected)
-                raise ClientUpdateError(f"round {gr}: no usable client update; {problems}")
+                raise ClientUpdateError(f"round {gr}: no usable client update; {problems}{hint}")
             self.last_train_loss = float("nan")
             return None, None  # every sampled client had no data of this task: keep the model
         usable.sort(key=lambda item: item[0])

@@ -79,6 +79,7 @@ def _old_fingerprint(cfg) -> str:
     data = cfg.model_dump(mode="json")
     data = {k: v for k, v in data.items() if k not in ("output", "engine", "serve")}
     data["continual"]["options"] = {}
+    del data["train"]["keep_optimizer_state"]  # added since
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -98,6 +99,69 @@ def test_checkpoints_of_the_old_fingerprint_still_resume_and_foreign_ones_do_not
 
 def test_legacy_fingerprints_only_relax_options_at_their_defaults() -> None:
     changed = build_config({"continual": {"method": "replay", "options": {"memory_size": 300}}})
-    assert changed.legacy_experiment_fingerprints() == {changed.experiment_fingerprint()}
+    (old,) = changed.legacy_experiment_fingerprints()  # options not at their defaults: one form
+    assert old != changed.experiment_fingerprint()  # keep_optimizer_state came after
     default = build_config({"continual": {"method": "replay"}, "train": {"objective": "focal"}})
     assert len(default.legacy_experiment_fingerprints()) == 4  # continual and train options, each either way
+
+
+def test_every_added_field_is_listed_with_the_value_that_behaves_as_before() -> None:
+    """A field added to an experiment section must be in ADDED_FIELDS, or every older run stops resuming:
+    the sections' fields as of c40e41b are written out here."""
+    from fedtail.config import ADDED_FIELDS, FedtailConfig
+
+    data = FedtailConfig().model_dump(mode="json")
+    current = {f"{s}.{k}" for s in data if isinstance(data[s], dict) for k in data[s]}
+    added = (
+        current
+        - {f"{s}.{k}" for s, names in FIELDS_AT_C40E41B.items() for k in names}
+        - {f for f in current if f.startswith(("output.", "engine.", "serve."))}
+    )
+    assert added == set(ADDED_FIELDS)
+    for key, before in ADDED_FIELDS.items():
+        section, name = key.split(".")
+        assert FedtailConfig.model_fields[section].default_factory().__dict__[name] == before
+
+
+FIELDS_AT_C40E41B = {
+    "dataset": ("name", "root", "download", "num_samples", "test_fraction", "classes"),
+    "partition": (
+        "method",
+        "alpha",
+        "min_partition_size",
+        "options",
+        "imbalance_factor",
+        "profile",
+        "step_fraction",
+        "labeled_fraction",
+        "labeled_imbalance_factor",
+    ),
+    "tasks": (
+        "classes_per_task",
+        "first_task_classes",
+        "sizes",
+        "shuffle_classes",
+        "blurry",
+        "late_join_fraction",
+        "skip_fraction",
+    ),
+    "federation": ("num_clients", "rounds_per_task", "fraction_train", "min_train_clients"),
+    "strategy": ("name", "options"),
+    "train": (
+        "objective",
+        "epochs",
+        "batch_size",
+        "optimizer",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "sampler",
+        "oversample",
+        "smote_k",
+        "options",
+    ),
+    "crt": ("rounds", "epochs", "lr", "reinit"),
+    "continual": ("method", "options"),
+    "model": ("name", "hidden", "classifier", "cosine_scale"),
+    "evaluation": ("many_shot", "few_shot", "adjustment", "options"),
+}

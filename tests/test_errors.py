@@ -193,3 +193,41 @@ def test_an_unwritable_prefect_home_is_one_line(project: Path, tmp_path: Path) -
     assert f"fedtail: Prefect's database folder {tmp_path / 'file' / 'home'} cannot be written" in _one_line(
         err
     )
+
+
+@pytest.fixture
+def diverging_objective(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An objective whose loss turns every weight NaN on the first step, on any machine."""
+    from clients.objectives.ce import CrossEntropy
+    from fedtail.registry import OBJECTIVES
+
+    class Diverging(CrossEntropy):
+        def loss(self, logits: Any, y: Any, x: Any) -> Any:
+            return super().loss(logits, y, x) * float("nan")
+
+    OBJECTIVES.names()
+    monkeypatch.setitem(OBJECTIVES._items, "diverging", Diverging)
+
+
+def test_a_run_whose_every_client_diverges_fails_with_one_line_naming_the_setting(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], diverging_objective: None
+) -> None:
+    """Non-finite updates are rejected, and a round with no usable update ends the run with which
+    client, which methods and which setting, not a traceback."""
+    args = ["--config", SMOKE, "--root", str(project), "--set", f"output.runs_dir={tmp_path / 'runs'}"]
+    args += ["--set", f"output.artifacts_dir={tmp_path / 'artifacts'}", "--run-id", "diverged"]
+    args += ["--set", "train.objective=diverging", "--set", "continual.method=replay"]
+    assert main(["simulate", *args]) == 1
+    err = capsys.readouterr().err
+    line = _one_line(err[err.index("fedtail: ") :])
+    assert "round 1: no usable client update; client 0: array" in line and "contains NaN or Inf" in line
+    assert "local training diverged under continual.method='replay', train.objective='diverging'" in line
+    assert "lower the local learning rate (train.lr=0.05)" in line and "start again (--overwrite)" in line
+
+
+def test_the_divergence_hint_names_every_learning_rate_setting() -> None:
+    from fedtail.config import build_config
+    from strategies.base import divergence_hint
+
+    cfg = build_config({"continual": {"method": "glfc", "options": {"lr_scale": 3.0}}, "train": {"lr": 0.1}})
+    assert divergence_hint(cfg).endswith("(train.lr=0.1, continual.options.lr_scale=3.0)")

@@ -12,7 +12,7 @@ from torch import nn
 from fedtail.models import CosineLinear, build_model
 from fedtail.registry import MODELS
 
-SHAPES = {"mlp": (64,), "cnn": (3, 32, 32), "resnet8": (3, 32, 32), "resnet20": (1, 28, 28)}
+SHAPES = {"mlp": (64,), "cnn1d": (40,), "cnn": (3, 32, 32), "resnet8": (3, 32, 32), "resnet20": (1, 28, 28)}
 
 
 @pytest.mark.parametrize("classifier", ["linear", "cosine"])
@@ -58,3 +58,23 @@ def test_mlp_weights_are_those_of_the_unsplit_mlp() -> None:
     model = build_model("mlp", (64,), 10, 16, seed=5)
     for a, b in zip(before.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_cnn1d_is_mnist1d_papers_convbase() -> None:
+    """Greydanus & Kobak's ConvBase at 25 channels on 40-point signals: lengths 40 -> 19 -> 10 -> 5,
+    125 features, 5,210 parameters with the 10-class linear classifier (as in the official code)."""
+    import torch
+
+    from fedtail.models import build_model
+
+    model = build_model("cnn1d", (40,), 10, 25, seed=0)
+    x = torch.randn(3, 40)
+    lengths = []
+    h = x.reshape(3, 1, 40)
+    for layer in model.features:
+        h = layer(h)
+        if isinstance(layer, torch.nn.Conv1d):
+            lengths.append(h.shape[-1])
+    assert lengths == [19, 10, 5]
+    assert model.features(x).shape == (3, 125) and model(x).shape == (3, 10)
+    assert sum(p.numel() for p in model.parameters()) == 5210

@@ -90,7 +90,11 @@ def _interrupt(
     return proc.exitcode
 
 
-@pytest.mark.parametrize("case", _unique(CASES), ids=lambda c: c.id)
+SETTINGS_WITH_STATE = [Case("train", "keep_optimizer_state", {"train.keep_optimizer_state": True})]
+"""Settings that are no plug-in but keep client state across rounds, resumed like the plug-ins."""
+
+
+@pytest.mark.parametrize("case", _unique(CASES) + SETTINGS_WITH_STATE, ids=lambda c: c.id)
 def test_every_plugin_resumes_after_sigterm_and_sigkill_byte_for_byte(
     project: Path, tmp_path: Path, case: Case
 ) -> None:
