@@ -574,7 +574,8 @@ class FedtailConfig(_Section):
         with their defaults filled in, so a plug-in at its defaults hashed either way, and it had none
         of the `ADDED_FIELDS` (a config holding their old behaviour hashes without them). Checkpoints
         and sweep run folders of those versions are still recognised through these."""
-        data = {s: _get_dotted(self.model_dump(mode="json"), s) for s in _EXPERIMENT_SECTIONS}
+        dump = self.model_dump(mode="json")
+        data = {s: dump[s] for s in _EXPERIMENT_SECTIONS}
         for key, before in ADDED_FIELDS.items():
             section, name = key.rsplit(".", 1)
             if _get_dotted(data, section).get(name) == before:
