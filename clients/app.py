@@ -89,7 +89,7 @@ def _model(job: P.Job, arrays: ArrayRecord) -> torch.nn.Module:
     cfg = job.config
     shape = _input_shape(str(job.staged_dir))
     m = cfg.model
-    key = (cfg.model_name(), shape, cfg.num_classes, m.hidden, m.classifier, m.cosine_scale)
+    key = (cfg.model_name(), shape, cfg.num_classes, m.model_dump_json())
     models = _local.__dict__.setdefault("models", {})
     model = models.get(key)
     if model is None:

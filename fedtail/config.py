@@ -360,6 +360,13 @@ class ContinualConfig(_Section):
 class ModelConfig(_Section):
     name: str = Field("auto", description="Registered model, or 'auto' to pick by dataset.")
     hidden: int = Field(128, ge=1, le=65_536, description="Hidden width of the MLP / CNN features.")
+    depth: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="mlp: hidden layers of width `hidden` (null: 2, fedtail's MLP), to match other "
+        "libraries' reference MLPs; other models take none.",
+    )
     classifier: Literal["linear", "cosine"] = Field(
         "linear", description="linear, or cosine: scale * cos(features, w_j) (LDAM's normalised classifier)."
     )
@@ -504,6 +511,11 @@ class FedtailConfig(_Section):
                 f"federation.min_train_clients={self.federation.min_train_clients} exceeds "
                 f"federation.num_clients={self.federation.num_clients}"
             )
+        if self.model.depth is not None and self.model_name() != "mlp":
+            raise ValueError(
+                f"model.depth={self.model.depth} sets the mlp's hidden layers, but the model is "
+                f"{self.model_name()!r}; remove model.depth or set model.name=mlp"
+            )
         for registry, name in (
             (OBJECTIVES, self.train.objective),
             (CONTINUAL, self.continual.method),
@@ -599,7 +611,7 @@ class FedtailConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-ADDED_FIELDS: dict[str, Any] = {"train.keep_optimizer_state": False}
+ADDED_FIELDS: dict[str, Any] = {"train.keep_optimizer_state": False, "model.depth": None}
 """Experiment fields added since c40e41b, each with the value that behaves as fedtail did before it
 existed. Adding a field to the config changes every fingerprint; listing it here keeps the runs of older
 versions resumable (`FedtailConfig.legacy_experiment_fingerprints`)."""

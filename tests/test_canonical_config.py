@@ -79,7 +79,7 @@ def _old_fingerprint(cfg) -> str:
     data = cfg.model_dump(mode="json")
     data = {k: v for k, v in data.items() if k not in ("output", "engine", "serve")}
     data["continual"]["options"] = {}
-    del data["train"]["keep_optimizer_state"]  # added since
+    del data["train"]["keep_optimizer_state"], data["model"]["depth"]  # added since
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -78,3 +78,25 @@ def test_cnn1d_is_mnist1d_papers_convbase() -> None:
     assert lengths == [19, 10, 5]
     assert model.features(x).shape == (3, 125) and model(x).shape == (3, 10)
     assert sum(p.numel() for p in model.parameters()) == 5210
+
+
+def test_mlp_depth_sets_its_hidden_layers_and_other_models_refuse_it() -> None:
+    from fedtail.config import ConfigError, build_config
+
+    for depth in (1, 4):
+        model = build_model("mlp", (64,), 10, 16, seed=0, depth=depth)
+        assert [m.out_features for m in model.features if isinstance(m, nn.Linear)] == [16] * depth
+    default = build_model("mlp", (64,), 10, 16, seed=0)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            default.state_dict().values(),
+            build_model("mlp", (64,), 10, 16, seed=0, depth=2).state_dict().values(),
+            strict=True,
+        )
+    )
+    assert build_config({"model": {"depth": 3}}).model.depth == 3  # digits: auto is the mlp
+    with pytest.raises(
+        ConfigError, match="model.depth=3 sets the mlp's hidden layers, but the model is 'cnn1d'"
+    ):
+        build_config({"model": {"name": "cnn1d", "depth": 3}})

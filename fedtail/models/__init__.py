@@ -70,13 +70,15 @@ def build_model(
     seed: int,
     classifier: str = "linear",
     cosine_scale: float = 30.0,
+    depth: int | None = None,
 ) -> FeatureClassifier:
     """A registered feature extractor plus a ``linear`` or ``cosine`` classifier, with seeded initial
     weights (the server's round-0 model): the features are initialised first, then the classifier."""
     builder = MODELS.get(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        features, dim = builder(tuple(input_shape), hidden)
+        extra = {} if depth is None else {"depth": depth}  # only the mlp takes a depth (config-checked)
+        features, dim = builder(tuple(input_shape), hidden, **extra)
         if classifier == "cosine":
             head: nn.Module = CosineLinear(dim, num_classes, cosine_scale)
         elif classifier == "linear":
@@ -90,7 +92,14 @@ def model_for(cfg: FedtailConfig, input_shape: Sequence[int]) -> FeatureClassifi
     """`build_model` with the config's model section (seeded with ``cfg.seed``)."""
     m = cfg.model
     return build_model(
-        cfg.model_name(), input_shape, cfg.num_classes, m.hidden, cfg.seed, m.classifier, m.cosine_scale
+        cfg.model_name(),
+        input_shape,
+        cfg.num_classes,
+        m.hidden,
+        cfg.seed,
+        m.classifier,
+        m.cosine_scale,
+        m.depth,
     )
 
 
