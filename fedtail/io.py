@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -36,6 +37,19 @@ def _naming(target: Path) -> Iterator[None]:
         if not is_write_error(err) or isinstance(err, WriteError):
             raise
         raise WriteError(err.errno, err.strerror, str(target)) from err
+
+
+TEMP_FILE = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+"""The name `atomic_path` gives its temp file: ``.<target>.<8 random characters>.tmp`` (mkstemp)."""
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temp files `atomic_path` left under ``folder`` when its process was killed mid-write
+    (SIGKILL runs no clean-up). Only for a folder nobody writes now (its run lock held); returns them."""
+    stale = [p for p in Path(folder).rglob(".*.tmp") if p.is_file() and TEMP_FILE.fullmatch(p.name)]
+    for path in stale:
+        path.unlink()
+    return stale
 
 
 @contextlib.contextmanager

@@ -110,6 +110,8 @@ def lock_run(run_dir: Path) -> Iterator[None]:
         fh.truncate()
         fh.write(f"process {os.getpid()}\n")
         fh.flush()
+        if is_run(run_dir):  # the sole writer now: a temp file of a killed writer is stale
+            io.remove_stale_temps(run_dir)
         try:
             yield
         finally:

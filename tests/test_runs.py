@@ -240,3 +240,23 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(
     assert {k: v for k, v in _files(run_dir).items() if not k.startswith(("plots", "report"))} == {
         k: v for k, v in before.items() if not k.startswith(("plots", "report"))
     }
+
+
+def test_taking_a_run_removes_the_temp_files_of_a_killed_writer_and_nothing_else(tmp_path: Path) -> None:
+    """SIGKILL in the middle of an atomic write leaves its temp file; the next writer of the run (resume,
+    report) deletes it: fedtail made it, and no other process writes the run while the lock is held."""
+    run_dir = tmp_path / "runs" / "r"
+    (run_dir / "plots").mkdir(parents=True)
+    (run_dir / runs.MARKER).write_text("fedtail run r\n")
+    stale = [run_dir / ".checkpoint.pt.k3_x9ab2.tmp", run_dir / "plots" / ".rounds.png.a1b2c3d4.tmp"]
+    kept = [run_dir / "notes.tmp", run_dir / ".hidden.tmp", run_dir / ".a.toolong123.tmp", run_dir / "x.csv"]
+    for path in stale + kept:
+        path.write_text("x")
+    with runs.lock_run(run_dir):
+        assert [p for p in stale if p.exists()] == []
+    assert all(p.exists() for p in kept)
+    elsewhere = tmp_path / "not-a-run"
+    elsewhere.mkdir()
+    (elsewhere / ".checkpoint.pt.k3_x9ab2.tmp").write_text("x")
+    with runs.lock_run(elsewhere):
+        assert (elsewhere / ".checkpoint.pt.k3_x9ab2.tmp").exists()  # no marker: not fedtail's folder
