@@ -485,7 +485,11 @@ def entry() -> None:
     logging's flushes) the process ends at once."""
     import atexit
 
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C in a command that has nothing to resume (report, stage, list...)
+        print("\nfedtail: interrupted; files are written whole or not at all: run it again", file=sys.stderr)
+        code = 130
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -143,3 +143,21 @@ def test_data_add_names_the_dvc_file_it_wrote(tmp_path: Path, capsys: pytest.Cap
     out = capsys.readouterr().out
     assert (tmp_path / "store" / "raw.v1.dvc").is_file()
     assert "git add store/raw.v1.dvc" in out
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fedtail report` (or stage, list, a config check) interrupted: no KeyboardInterrupt traceback."""
+    import fedtail.cli as cli
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    exits: list[int] = []
+    monkeypatch.setattr(cli, "main", interrupted)
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    cli.entry()
+    assert exits == [130]
+    err = capsys.readouterr().err
+    assert err.strip() == "fedtail: interrupted; files are written whole or not at all: run it again"
