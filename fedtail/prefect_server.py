@@ -62,6 +62,12 @@ def check_api(url: str) -> None:
         ) from None
 
 
+def check_configured_api() -> None:
+    """`check_api` for the ``PREFECT_API_URL`` in force, if one is set."""
+    if PREFECT_API_URL.value():
+        check_api(str(PREFECT_API_URL.value()))
+
+
 def _database_file() -> Path | None:
     """The SQLite file a temporary server would use (None for another database)."""
     url = get_current_settings().server.database.connection_url
@@ -196,8 +202,7 @@ def temporary_server(while_starting: Callable[[], None] | None = None) -> Iterat
     run's imports overlap instead of adding up).
     """
     if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
-        if PREFECT_API_URL.value():
-            check_api(str(PREFECT_API_URL.value()))
+        check_configured_api()
         if while_starting is not None:
             while_starting()
         yield None

@@ -13,6 +13,7 @@ from prefect import serve as prefect_serve
 from prefect.deployments.runner import RunnerDeployment
 
 from fedtail.config import load_config
+from fedtail.prefect_server import check_configured_api
 from fedtail.sweep import load_sweep
 from flows.pipeline import fl_pipeline
 from flows.sweep import fl_sweep
@@ -44,6 +45,7 @@ def serve(config_path: str = "params.yaml", overrides: dict[str, Any] | None = N
     Stopping (Ctrl-C, SIGTERM) pauses the schedules, so no pile of Late runs waits for the next start;
     starting again registers the deployment unpaused, which resumes them.
     """
+    check_configured_api()
     prefect_serve(build_deployment(config_path, overrides, root), pause_on_shutdown=True)
 
 
@@ -85,6 +87,7 @@ def serve_sweep(
     workers: int | None = None,
 ) -> None:
     """Block, running the sweep on schedule (stopping pauses the schedules, as `serve` does)."""
+    check_configured_api()
     prefect_serve(
         build_sweep_deployment(sweep_path, sweep_id, overrides, root, workers), pause_on_shutdown=True
     )

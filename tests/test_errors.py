@@ -146,6 +146,12 @@ def test_a_prefect_api_url_where_nothing_answers_is_one_line(
     err = _one_line(capsys.readouterr().err)
     assert f"PREFECT_API_URL={url}: nothing answers there" in err and "prefect server start" in err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "a").exists()
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base: {SMOKE}\nset: {{output.data_dir: {project / 'data'}}}\nseeds: [0]\n")
+    for command in (["serve", "--config", SMOKE], ["sweep", str(sweep), "--serve"]):  # deployments too
+        with temporary_settings({PREFECT_API_URL: url}):
+            assert main([*command, "--root", str(project)]) == 1, command
+        assert f"PREFECT_API_URL={url}: nothing answers there" in _one_line(capsys.readouterr().err)
 
 
 def _run_cli(project: Path, tmp_path: Path, env: dict[str, str], fsize: int | None = None) -> Any:
