@@ -64,9 +64,27 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         try:
             yield Path(tmp)
             os.replace(tmp, target)
+        except Exception as err:
+            interrupt = _interrupt_behind(err)
+            if interrupt is None:
+                raise
+            raise interrupt from None  # Ctrl-C / SIGTERM stopped the write: an interrupt, not a failure
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def _interrupt_behind(err: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt a writer turned into another error while it unwound (torch.save's zip
+    writer raises ``RuntimeError: unexpected pos`` when Ctrl-C or SIGTERM lands inside it), if any."""
+    seen: set[int] = set()
+    node: BaseException | None = err
+    while node is not None and id(node) not in seen:
+        if isinstance(node, KeyboardInterrupt):
+            return node
+        seen.add(id(node))
+        node = node.__cause__ or node.__context__
+    return None
 
 
 @contextlib.contextmanager

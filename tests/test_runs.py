@@ -260,3 +260,28 @@ def test_taking_a_run_removes_the_temp_files_of_a_killed_writer_and_nothing_else
     (elsewhere / ".checkpoint.pt.k3_x9ab2.tmp").write_text("x")
     with runs.lock_run(elsewhere):
         assert (elsewhere / ".checkpoint.pt.k3_x9ab2.tmp").exists()  # no marker: not fedtail's folder
+
+
+def test_an_interrupt_inside_a_writer_stays_an_interrupt(tmp_path: Path) -> None:
+    """SIGTERM inside torch.save made its zip writer raise RuntimeError('unexpected pos ...') while
+    unwinding: the run then ended with exit 1 and a traceback instead of exit 130 and the resume hint."""
+    from fedtail import io
+
+    def torn(fh: object) -> None:
+        try:
+            raise KeyboardInterrupt("signal 15")
+        except KeyboardInterrupt:
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos 1728 vs 1622"
+            ) from None
+
+    target = tmp_path / "checkpoint.pt"
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        io.write_with(target, torn)
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no temp file
+
+    def broken(fh: object) -> None:
+        raise RuntimeError("a real failure")
+
+    with pytest.raises(RuntimeError, match="a real failure"):
+        io.write_with(target, broken)
