@@ -346,6 +346,9 @@ class RunRecorder:
             "num_tasks": self.schedule.num_tasks,
         }  # numbers only: the settings are in config.yaml (and DVC's params), not among the metrics
         metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+        if self._csv_rows != len(self.rows):  # resumed after the last round's checkpoint: not written yet
+            self._write_rounds()
+        self._write_tasks()  # a kill after the last task's checkpoint left the previous tasks.csv
         io.write_with(self.run_dir / "model.pt", lambda fh: torch.save(state_dict, fh))
         per_client = (final or {}).get("client_accuracies")
         pids = sorted(self.client_info) if per_client is None else range(len(per_client))

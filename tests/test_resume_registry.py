@@ -83,7 +83,7 @@ def _interrupt(
     while _rounds_done(run_dir) < at and proc.is_alive() and time.monotonic() < deadline:
         time.sleep(0.005)
     assert proc.is_alive(), f"the run ended (exit {proc.exitcode}) before round {at} was interrupted"
-    time.sleep(rng.uniform(0.0, 3 * ROUND_DELAY))
+    time.sleep(rng.uniform(0.0, 2 * ROUND_DELAY))  # at least two rounds (and their delays) are left
     os.kill(proc.pid, sig)
     proc.join(60)
     assert proc.exitcode is not None, "the run did not stop"
@@ -114,7 +114,7 @@ def test_every_plugin_resumes_after_sigterm_and_sigkill_byte_for_byte(
     code = _interrupt(project, overrides, "new", run_dir, first, signal.SIGTERM, rng)
     assert code == 130, f"SIGTERM should stop the run as Ctrl-C does (exit 130), got {code}"
     assert (run_dir / CHECKPOINT).is_file() and not (run_dir / "metrics.json").exists()
-    second = rng.randint(min(max(first, _rounds_done(run_dir)) + 1, total - 1), total - 1)
+    second = rng.randint(min(max(first, _rounds_done(run_dir)) + 1, total - 2), total - 2)
     code = _interrupt(project, overrides, "resume", run_dir, second, signal.SIGKILL, rng)
     assert code == -signal.SIGKILL and not (run_dir / "metrics.json").exists()
 
@@ -129,3 +129,41 @@ def test_every_plugin_resumes_after_sigterm_and_sigkill_byte_for_byte(
     )
     configs = [yaml.safe_load((d / "config.yaml").read_text()) for d in (run_dir, reference)]
     assert [{**c, "output": None} for c in configs[:1]] == [{**configs[1], "output": None}]
+
+
+@pytest.mark.parametrize(
+    ("writer", "when"),
+    [
+        ("_write_rounds", "after the last round's checkpoint"),
+        ("_write_tasks", "after the last task's checkpoint"),
+    ],
+)
+def test_a_kill_between_the_last_checkpoint_and_its_csv_still_resumes_to_the_same_files(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str, when: str
+) -> None:
+    """Found by the random interrupts above: killed ``when``, the resumed run had no round (or task) left
+    to record, so rounds.csv lacked its last row (or tasks.csv its last task); `finish` now writes both."""
+    from server.recorder import RunRecorder
+
+    cfg = smoke_config(project, **{"output.run_id": "r", "output.runs_dir": str(tmp_path / "ref")})
+    staged = pipeline.stage(cfg, project)
+    parts = pipeline.partition(cfg, staged, project)
+    reference = pipeline.simulate(cfg, staged, parts, pipeline.new_run_dir(cfg, project))
+
+    cfg = smoke_config(project, **{"output.run_id": "r", "output.runs_dir": str(tmp_path / "runs")})
+    total = cfg.num_tasks * cfg.task_rounds
+    original = getattr(RunRecorder, writer)
+
+    def killed_at_the_end(self: RunRecorder) -> None:
+        if len(self.rows) == total and self.tasks_done == (cfg.num_tasks if writer == "_write_tasks" else 1):
+            raise KeyboardInterrupt(when)  # as a kill there: the checkpoint is written, the csv is not
+        original(self)
+
+    monkeypatch.setattr(RunRecorder, writer, killed_at_the_end)
+    run_dir = pipeline.new_run_dir(cfg, project)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.simulate(cfg, staged, parts, run_dir)
+    monkeypatch.setattr(RunRecorder, writer, original)
+    pipeline.simulate(cfg, staged, parts, run_dir, mode=runs.Mode.RESUME)
+    ours, theirs = _files(run_dir), _files(reference)
+    assert [name for name in theirs if ours.get(name) != theirs[name]] == []
