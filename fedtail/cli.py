@@ -285,7 +285,7 @@ def _run_hint(args: argparse.Namespace, cfg: FedtailConfig, run_dir: Path) -> st
     """How to go on with a run that stopped early: write its report (training done), resume it (it has
     begun), or nothing yet."""
     run_id = run_dir.name
-    if (run_dir / "metrics.json").is_file():
+    if runs.finished(run_dir):
         again = f"fedtail report --run-id {run_id}{_again(args, cfg)}"
         return f"write its report (the training is complete) with: {again}"
     if not (run_dir / "config.yaml").is_file():

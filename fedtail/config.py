@@ -788,8 +788,9 @@ MAX_FILE_BYTES = 2**20
 """Config and sweep files are refused past this size, unread: one of hundreds of MB took minutes to parse."""
 
 
-def read_small_file(p: Path, where: str) -> bytes:
-    """At most `MAX_FILE_BYTES` of ``p``; a larger file (or an endless one such as /dev/zero) is refused."""
+def read_small_text(p: Path, where: str) -> str:
+    """The UTF-8 text of ``p``, read no further than `MAX_FILE_BYTES`: a larger file (or an endless one
+    such as /dev/zero) is refused unread, and bytes that are not UTF-8 are named by line and column."""
     with p.open("rb") as fh:
         raw = fh.read(MAX_FILE_BYTES + 1)
     if len(raw) > MAX_FILE_BYTES:
@@ -798,7 +799,15 @@ def read_small_file(p: Path, where: str) -> bytes:
             f"{where} is {f'{size / 2**20:.0f} MiB' if size else 'endless'}, over the limit of "
             f"{MAX_FILE_BYTES // 2**20} MiB for a YAML file of fedtail: is it the right file?"
         )
-    return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(
+            f"{where}, line {line}, column {column}: not UTF-8 text (byte {raw[err.start]:#04x}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -812,20 +821,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if p.is_dir():
         raise ConfigError(f"{where} is a directory; give a YAML file, e.g. --config params.yaml")
     try:
-        raw = read_small_file(p, where)
+        text = read_small_text(p, where)
     except FileNotFoundError:
         raise ConfigError(f"{where} not found") from None
     except OSError as err:
         raise ConfigError(f"{where} cannot be read: {err.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
-        raise ConfigError(
-            f"{where}, line {line}, column {column}: not UTF-8 text (byte {raw[err.start]:#04x}); "
-            "save the file as UTF-8"
-        ) from None
     loaded = _parse_yaml(text, where)
     if loaded is None:
         raise ConfigError(f"{where} is empty; write {{}} to mean all defaults")

@@ -52,7 +52,7 @@ from fedtail.config import (
     build_config,
     check_run_id,
     read_config_file,
-    read_small_file,
+    read_small_text,
 )
 
 #: final metrics of `metrics.json` a sweep can summarise, and whether higher is better
@@ -182,11 +182,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     where = f"sweep file {str(p)!r}"
     if not p.is_file():
         raise ConfigError(f"{where} does not exist (or is not a file)")
-    try:
-        text = read_small_file(p, where).decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{where}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
-    data = _parse_yaml(text, where)
+    data = _parse_yaml(read_small_text(p, where), where)
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping with axes:, seeds:, ... at the top")
     try:
