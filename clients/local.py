@@ -296,6 +296,7 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
     shown = None if shown is None else sorted(set(shown) | set(np.unique(labels.numpy()).tolist()))
     hidden = _hidden_classes(shown, cfg.num_classes, ctx.device)
     weight = method.objective_weight()
+    clip, params = cfg.train.max_grad_norm, [p for p in model.parameters() if p.requires_grad]
     model.train()
     for _ in range(cfg.train.epochs):
         order = epoch_order(labels, cfg.train.sampler, generator).to(ctx.device)
@@ -319,6 +320,8 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
                 loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
             method.after_step(logits[: len(xb)].detach(), yb[: len(xb)], batch)
             total += float(loss.detach())

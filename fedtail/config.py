@@ -319,6 +319,16 @@ class TrainConfig(_Section):
         "optimiser every round.",
     )
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float | None = Field(
+        3.0,
+        gt=0.0,
+        le=1e6,
+        description="Each local step's gradients are scaled down to this global L2 norm when larger "
+        "(torch.nn.utils.clip_grad_norm_); null: never. A class-incremental task's first steps see a loss "
+        "of 3 or more (the new classes' logits were pushed down while absent); unclipped, SGD at lr 0.05, "
+        "momentum 0.9 then left the MLP unable to tell the new classes apart in about half the seeds. "
+        "At 1.0 the clip also damped the rare, heavily weighted samples re-weighted objectives rely on.",
+    )
     sampler: Literal["shuffle", "class_balanced"] = Field(
         "shuffle",
         description="Each epoch's batch stream: shuffle (a permutation) or class_balanced (Kang et al. "
@@ -568,7 +578,7 @@ class FedtailConfig(_Section):
 
     def fingerprint(self, *sections: str) -> str:
         """Short stable hash of the whole config, or of the named sections (cache keys, run ids)."""
-        data = self.model_dump(mode="json")
+        data = _with_data_revision(self.model_dump(mode="json"))
         if sections:
             data = {s: _get_dotted(data, s) for s in sections}
         return _digest(data)
@@ -586,7 +596,7 @@ class FedtailConfig(_Section):
         with their defaults filled in, so a plug-in at its defaults hashed either way, and it had none
         of the `ADDED_FIELDS` (a config holding their old behaviour hashes without them). Checkpoints
         and sweep run folders of those versions are still recognised through these."""
-        dump = self.model_dump(mode="json")
+        dump = _with_data_revision(self.model_dump(mode="json"))
         data = {s: dump[s] for s in _EXPERIMENT_SECTIONS}
         for key, before in ADDED_FIELDS.items():
             section, name = key.rsplit(".", 1)
@@ -611,7 +621,11 @@ class FedtailConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-ADDED_FIELDS: dict[str, Any] = {"train.keep_optimizer_state": False, "model.depth": None}
+ADDED_FIELDS: dict[str, Any] = {
+    "train.keep_optimizer_state": False,
+    "model.depth": None,
+    "train.max_grad_norm": None,
+}
 """Experiment fields added since c40e41b, each with the value that behaves as fedtail did before it
 existed. Adding a field to the config changes every fingerprint; listing it here keeps the runs of older
 versions resumable (`FedtailConfig.legacy_experiment_fingerprints`)."""
@@ -625,6 +639,15 @@ _OPTIONS_OF: dict[str, tuple[Registry, str]] = {
     "evaluation": (ADJUSTMENTS, "adjustment"),
 }
 """Each section with plug-in options: the registry and the field naming the plug-in."""
+
+
+def _with_data_revision(dump: dict[str, Any]) -> dict[str, Any]:
+    """``dump`` with the dataset's `DatasetSpec.revision` in its dataset section when it is not 0 (so
+    fingerprints of datasets never revised stay what they were)."""
+    revision = DATASETS.get(dump["dataset"]["name"]).revision
+    if revision:
+        dump["dataset"] = {**dump["dataset"], "revision": revision}
+    return dump
 
 
 def _digest(data: Any) -> str:

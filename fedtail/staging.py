@@ -497,6 +497,9 @@ def add_data(cfg: FedtailConfig, root: Path = Path(".")) -> tuple[list[str], boo
 def _stage_key(md5: str, cfg: FedtailConfig) -> str:
     """Data version + the dataset fields that shape the arrays (not where torchvision files live)."""
     section = cfg.dataset.model_dump(mode="json", exclude={"root", "download"})
+    revision = DATASETS.get(cfg.dataset.name).revision
+    if revision:
+        section["revision"] = revision
     blob = json.dumps({"data_md5": md5, "dataset": section}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

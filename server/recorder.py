@@ -78,7 +78,9 @@ def read_checkpoint(run_dir: Path, cfg: FedtailConfig) -> dict | None:
     if written != cfg.experiment_fingerprint() and written not in cfg.legacy_experiment_fingerprints():
         raise CheckpointError(
             f"{run_dir}: its checkpoint was written with a different config; resume with the run's own "
-            "config.yaml (fedtail run --resume RUN_ID) or choose a new output.run_id"
+            "config.yaml (fedtail run --resume RUN_ID) or choose a new output.run_id. A run of an older "
+            "fedtail whose results this version does not reproduce (a revised dataset, or a default that "
+            "changed: docs/architecture.md, 'Fingerprints') cannot resume; start it again"
         )
     return _normalised(state)
 

@@ -80,17 +80,35 @@ def _old_fingerprint(cfg) -> str:
     data = {k: v for k, v in data.items() if k not in ("output", "engine", "serve")}
     data["continual"]["options"] = {}
     del data["train"]["keep_optimizer_state"], data["model"]["depth"]  # added since
+    del data["train"]["max_grad_norm"]
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def test_checkpoints_of_the_old_fingerprint_still_resume_and_foreign_ones_do_not(project: Path) -> None:
+def _unrevised(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The dataset as it was at c40e41b (revision 0)."""
+    import dataclasses
+
+    from fedtail.registry import DATASETS
+
+    monkeypatch.setitem(DATASETS._items, name, dataclasses.replace(DATASETS.get(name), revision=0))
+
+
+def test_checkpoints_of_the_old_fingerprint_still_resume_and_foreign_ones_do_not(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = smoke_config(project, **{"continual.method": "replay", "output.run_id": "old-format"})
     run_dir = crashed_run(cfg, project, crash_at=2)
     state = torch.load(run_dir / CHECKPOINT, weights_only=True)
     state["config_fingerprint"] = _old_fingerprint(cfg)
     torch.save(state, run_dir / CHECKPOINT)
-    assert read_checkpoint(run_dir, load_config(run_dir / "config.yaml")) is not None
+    with pytest.raises(CheckpointError, match="default that changed"):  # clipping is on by default now
+        read_checkpoint(run_dir, load_config(run_dir / "config.yaml"))
+    unclipped = load_config(run_dir / "config.yaml", {"train.max_grad_norm": None})
+    with pytest.raises(CheckpointError, match="revised dataset"):  # digits are standardised now
+        read_checkpoint(run_dir, unclipped)
+    _unrevised(monkeypatch, "digits")
+    assert read_checkpoint(run_dir, unclipped) is not None
     other = smoke_config(project, **{"continual.method": "replay", "continual.options.memory_size": 300})
     assert other.legacy_experiment_fingerprints().isdisjoint(cfg.legacy_experiment_fingerprints())
     with pytest.raises(CheckpointError, match="written with a different config"):
@@ -120,7 +138,22 @@ def test_every_added_field_is_listed_with_the_value_that_behaves_as_before() -> 
     assert added == set(ADDED_FIELDS)
     for key, before in ADDED_FIELDS.items():
         section, name = key.split(".")
-        assert FedtailConfig.model_fields[section].default_factory().__dict__[name] == before
+        default = FedtailConfig.model_fields[section].default_factory().__dict__[name]
+        assert default == before or key in CHANGED_BEHAVIOUR, f"{key}: a new default changes results"
+        build_config({section: {name: before}})  # the old behaviour can still be asked for
+
+
+CHANGED_BEHAVIOUR = {"train.max_grad_norm"}
+"""Added fields whose default is not the old behaviour, on purpose (issue 18): runs before them do not
+resume, since this version would not reproduce them."""
+
+
+def test_a_changed_default_leaves_its_old_value_resumable_only_when_asked_for() -> None:
+    default = build_config({})
+    assert default.train.max_grad_norm == 3.0
+    old = build_config({"train": {"max_grad_norm": None}})
+    assert old.experiment_fingerprint() != default.experiment_fingerprint()
+    assert default.legacy_experiment_fingerprints().isdisjoint(old.legacy_experiment_fingerprints())
 
 
 FIELDS_AT_C40E41B = {

@@ -66,7 +66,7 @@ def test_the_method_scores_the_seen_classes_and_replaces_the_objective() -> None
         seen_classes=[0, 1, 2, 3], sample_index=data.positions([2, 3]), previous_model_fn=lambda: teacher,
     )  # fmt: skip
     method = GLFC(ctx)
-    assert method.objective_weight() == 0.0 and method.lr_scale() == 20.0
+    assert method.objective_weight() == 0.0 and method.lr_scale() == 4.0  # the 4 seen classes
     x, labels = torch.from_numpy(data.x[:8]), torch.from_numpy(y[:8])
     logits = torch.randn(8, 10)
     with torch.no_grad():
@@ -82,3 +82,24 @@ def test_glfc_refuses_another_objective() -> None:
 def test_glfc_refuses_synthetic_oversampling() -> None:
     with pytest.raises(ConfigError, match="train.oversample='smote'.*allowed: none"):
         build_config({"continual": {"method": "glfc"}, "train": {"oversample": "smote"}})
+
+
+def test_lr_scale_can_be_set_as_the_paper_sets_it() -> None:
+    cfg = build_config({"continual": {"method": "glfc", "options": {"memory_size": 10, "lr_scale": 20.0}}})
+    data = ClientData(np.zeros((4, 4), np.float32), np.arange(4), np.zeros((0, 4), np.float32))
+    ctx = local_context(cfg, build_model("mlp", (4,), 10, 8, 0), data=data, seen_classes=[0, 1])
+    assert GLFC(ctx).lr_scale() == 20.0
+
+
+def test_a_group_fit_to_float_precision_gets_weight_one_not_nan() -> None:
+    """Logits above ~17 make ``1 - sigmoid`` exactly 0 in float32: the official mean-normalisation divides
+    0 by 0, and the NaN ended a run that had fit its first task (issue 18)."""
+    logits = torch.tensor([[40.0, -40.0], [40.0, -40.0], [0.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    old = torch.tensor([True, True, False, False])
+    w = gradient_compensation_weights(logits, y, old)
+    assert torch.isfinite(w).all()
+    assert w[:2].tolist() == [1.0, 1.0]
+    g = 1.0 - torch.sigmoid(torch.tensor([0.0, 1.0]))
+    assert torch.allclose(w[2:], g / g.mean())
+    assert torch.isfinite(glfc_loss(logits, y, [0], torch.zeros(4, 1)))

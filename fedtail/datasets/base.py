@@ -37,6 +37,11 @@ class DatasetSpec:
     materialize: Callable[[DatasetConfig, Path], None]
     load: Callable[[DatasetConfig, Path], Splits]
     source: str = ""
+    revision: int = 0
+    """Bumped whenever the same config gets something else from the dataset: other arrays from the same
+    raw files (`load`, e.g. a new normalisation) or another `default_model`. It enters the staged-cache key
+    and every experiment fingerprint, so neither staged arrays nor a checkpoint or sweep result of the
+    older revision is reused."""
 
 
 def stratified_split(

@@ -82,10 +82,11 @@ SPEC = DATASETS.register("mnist1d")(
         name="mnist1d",
         num_classes=NUM_CLASSES,
         input_shape=(40,),
-        default_model="mlp",
+        default_model="cnn1d",
         train_size=_train_size,
         materialize=_materialize,
         load=_load,
         source=f"mnist1d.data.make_dataset (generated offline, seed {GENERATOR_SEED})",
+        revision=1,  # 1: model.name auto picks cnn1d (0: mlp)
     )
 )
