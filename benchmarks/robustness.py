@@ -4,14 +4,15 @@ grid of settings nobody tuned them on, with the diverged and collapsed runs coun
     python benchmarks/robustness.py            # runs both sweeps (resumable), then writes the table
     python benchmarks/robustness.py --table    # only the table, from the sweeps' runs.csv
 
-Sweeps: benchmarks/sweeps/robustness/{continual,objectives}.yaml (into ``sweeps/robustness-*``; reused
-runs are not rerun). Writes benchmarks/results/robustness/summary.md and summary.json.
+Sweeps: benchmarks/sweeps/robustness/{continual,objectives,objectives-cosine}.yaml (into
+``sweeps/robustness-*``; finished runs are reused). Writes benchmarks/results/robustness/summary.{md,json}.
 
-A run *diverged* when it failed (a client update with NaN or Inf is rejected; every client rejected ends
-the run); it *collapsed* when its final balanced accuracy over the 10 seen classes is at or below chance
-(0.1). A method is *below its baseline* in a cell (fine-tuning for continual methods, CE for objectives)
-when its mean over the seeds is lower by more than the seeds' spread allows: more than the larger of the
-two cells' sample stds, and at least 0.01.
+A run *diverged* when it failed on non-finite updates (a client update with NaN or Inf is rejected;
+every client rejected ends the run); any other failure is counted apart (none is expected). A run
+*collapsed* when its final balanced accuracy over the 10 seen classes is at or below chance (0.1). A
+method is *below its baseline* in a cell (fine-tuning for continual methods, CE on the same head for
+objectives) when its mean over the seeds is lower by more than the larger of the two cells' sample
+stds, and at least 0.01.
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SWEEPS = {"continual": "continual.method", "objectives": "train.objective"}
-BASELINE = {"continual": "finetune", "objectives": "ce"}
-HEADLINE = {"continual": "final_average_accuracy", "objectives": "final_accuracy"}
+SWEEPS = {
+    "continual": "continual.method",
+    "objectives": "train.objective",
+    "objectives-cosine": "train.objective",
+}
+BASELINE = {"continual": "finetune", "objectives": "ce", "objectives-cosine": "ce"}
+HEADLINE = {grid: "final_accuracy" for grid in SWEEPS} | {"continual": "final_average_accuracy"}
 CHANCE = 0.1  # balanced accuracy of a constant prediction over the 10 seen classes
 OUT = REPO / "benchmarks" / "results" / "robustness"
 
@@ -62,12 +67,14 @@ def cell_stats(rows: list[dict[str, str]], method_field: str, metric: str) -> di
     out = {}
     for key, members in groups.items():
         done = [r for r in members if r["status"] != "failed"]
+        errors = [r["error"] for r in members if r["status"] == "failed"]
         head = [_float(r[metric]) for r in done]
         bal = [_float(r["final_balanced_accuracy"]) for r in done]
         out[key] = {
             "runs": len(members),
-            "diverged": len(members) - len(done),
-            "errors": sorted({r["error"] for r in members if r["status"] == "failed"}),
+            "diverged": sum("NaN or Inf" in e for e in errors),
+            "failed": sum("NaN or Inf" not in e for e in errors),
+            "errors": sorted(set(errors)),
             "collapsed": sum(b <= CHANCE + 1e-9 for b in bal),
             "mean": statistics.fmean(head) if head else math.nan,
             "std": statistics.stdev(head) if len(head) > 1 else 0.0,
@@ -104,13 +111,15 @@ def table(grid: str) -> tuple[str, dict]:
                 below.append(c)
             cols.append(text)
         diverged = sum(stats[(m, c)]["diverged"] for c in cells)
+        failed = sum(stats[(m, c)]["failed"] for c in cells)
         collapsed = sum(stats[(m, c)]["collapsed"] for c in cells)
         runs = sum(stats[(m, c)]["runs"] for c in cells)
-        counts = f" | {diverged}/{runs} | {collapsed}/{runs} | {len(below)} |"
+        counts = f" | {diverged}/{runs} | {failed}/{runs} | {collapsed}/{runs} | {len(below)} |"
         lines.append(f"| {m} | " + " | ".join(cols) + counts)
         summary[m] = {
             "cells": {c: stats[(m, c)] for c in cells},
             "diverged": diverged,
+            "failed": failed,
             "collapsed": collapsed,
             "runs": runs,
             "below_baseline": below,

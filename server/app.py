@@ -44,7 +44,7 @@ from fedtail.staging import load_staged, staged_meta
 from fedtail.tasks import TaskSchedule
 from server.evaluation import ADJUSTED_KEYS, Evaluator, LogitsFn
 from server.recorder import CONTINUAL_COLUMNS, IMBALANCE_COLUMNS, RunRecorder
-from strategies.base import FedtailStrategy
+from strategies.base import FedtailStrategy, divergence_hint
 
 log = logging.getLogger("fedtail")
 
@@ -233,6 +233,15 @@ def evaluate_round(
         row["train_loss"],
         extra={ROUND_RECORD: True},  # a terminal progress bar shows the round instead
     )
+    if r == cfg.task_rounds and len(seen) > 1 and res["balanced_accuracy"] <= 1.0 / len(seen) + 1e-9:
+        log.warning(
+            "task %d/%d: the model collapsed: balanced accuracy %.4f is chance on the %d seen classes (%s)",
+            t + 1,
+            schedule.num_tasks,
+            res["balanced_accuracy"],
+            len(seen),
+            divergence_hint(cfg, "training collapsed"),
+        )
     if context.on_round is not None:
         context.on_round(dict(row, num_tasks=schedule.num_tasks, rounds_per_task=cfg.task_rounds))
     return MetricRecord({k: float(row[k]) for k in ("accuracy", "balanced_accuracy", "macro_f1")})

@@ -37,18 +37,19 @@ class ClientUpdateError(RunError):
 DIVERGED = "contains NaN or Inf"
 
 
-def divergence_hint(cfg: FedtailConfig) -> str:
-    """What produced a non-finite update and what to change: the methods in play and every learning-rate
-    setting of the local update (``train.lr`` and any plug-in's ``lr_scale`` option)."""
+def divergence_hint(cfg: FedtailConfig, what: str = "local training diverged") -> str:
+    """What produced a non-finite update (or a collapsed model) and what to change: the methods in play
+    and every setting of the local step size (``train.lr``, any plug-in's ``lr_scale``, the clip)."""
     settings = [f"train.lr={cfg.train.lr}"]
     for section in ("train", "continual"):
         scale = getattr(cfg, section).options.get("lr_scale")
         if scale is not None:
             settings.append(f"{section}.options.lr_scale={scale}")
+    clip = "" if cfg.train.max_grad_norm is not None else "; or clip it: train.max_grad_norm=3.0"
     return (
-        f"local training diverged under continual.method={cfg.continual.method!r}, "
+        f"{what} under continual.method={cfg.continual.method!r}, "
         f"train.objective={cfg.train.objective!r}, strategy.name={cfg.strategy.name!r}; "
-        f"lower the local learning rate ({', '.join(settings)})"
+        f"lower the local learning rate ({', '.join(settings)}){clip}"
     )
 
 

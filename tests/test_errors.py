@@ -237,3 +237,5 @@ def test_the_divergence_hint_names_every_learning_rate_setting() -> None:
 
     cfg = build_config({"continual": {"method": "glfc", "options": {"lr_scale": 3.0}}, "train": {"lr": 0.1}})
     assert divergence_hint(cfg).endswith("(train.lr=0.1, continual.options.lr_scale=3.0)")
+    unclipped = build_config({"train": {"max_grad_norm": None}})
+    assert divergence_hint(unclipped).endswith("(train.lr=0.05); or clip it: train.max_grad_norm=3.0")

@@ -44,3 +44,18 @@ def test_finetune_learns_each_new_task_on_one_client(project: Path, seed: int) -
         },
     )
     assert metrics["final_new_class_accuracy"] >= 0.85, metrics
+
+
+def test_a_collapsed_model_is_named_with_the_setting_to_change(
+    project: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step size far too large gives finite weights that predict one class: the run finishes (its
+    numbers are the result) but says at the task's end what happened and what to change."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        _, metrics = smoke_run(project, "collapse", **{"train.lr": 10.0, "train.max_grad_norm": None})
+    warned = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
+    assert metrics["final_balanced_accuracy"] <= 0.1 + 1e-9, metrics
+    assert warned and "chance on the 10 seen classes" in warned[-1]
+    assert "lower the local learning rate (train.lr=10.0); or clip it: train.max_grad_norm=3.0" in warned[-1]
