@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,6 +184,21 @@ class RoundContext:
     on_round: OnRound | None
 
 
+def collapse_hint(cfg: FedtailConfig, train_loss: float) -> str:
+    """Why a task can end at chance, told apart by whether the clients fit their own samples: a training
+    loss still above ln 2 means the local steps do not learn (too large a step); a low one means they do,
+    and the global model forgets or follows the head classes (the data's doing, as in the default
+    fine-tuning baseline)."""
+    if not math.isfinite(train_loss) or train_loss >= math.log(2):
+        hint = divergence_hint(cfg, "training collapsed")
+        return f"the clients do not fit their own samples (training loss {train_loss:.3f}); {hint}"
+    return (
+        f"the clients fit their own samples (training loss {train_loss:.3f}), so the global model forgets "
+        "or favours the head classes: a continual method (continual.method), a rebalancing objective "
+        "(train.objective) or a classifier adjustment (evaluation.adjustment) is the remedy"
+    )
+
+
 def evaluate_round(
     server_round: int,
     arrays: ArrayRecord,
@@ -235,12 +251,12 @@ def evaluate_round(
     )
     if r == cfg.task_rounds and len(seen) > 1 and res["balanced_accuracy"] <= 1.0 / len(seen) + 1e-9:
         log.warning(
-            "task %d/%d: the model collapsed: balanced accuracy %.4f is chance on the %d seen classes (%s)",
+            "task %d/%d: balanced accuracy %.4f is chance on the %d seen classes: %s",
             t + 1,
             schedule.num_tasks,
             res["balanced_accuracy"],
             len(seen),
-            divergence_hint(cfg, "training collapsed"),
+            collapse_hint(cfg, row["train_loss"]),
         )
     if context.on_round is not None:
         context.on_round(dict(row, num_tasks=schedule.num_tasks, rounds_per_task=cfg.task_rounds))

@@ -55,7 +55,27 @@ def test_a_collapsed_model_is_named_with_the_setting_to_change(
 
     with caplog.at_level(logging.WARNING):
         _, metrics = smoke_run(project, "collapse", **{"train.lr": 10.0, "train.max_grad_norm": None})
-    warned = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "chance on the" in r.getMessage()]
     assert metrics["final_balanced_accuracy"] <= 0.1 + 1e-9, metrics
-    assert warned and "chance on the 10 seen classes" in warned[-1]
+    assert warned and "chance on the 10 seen classes: the clients do not fit their own samples" in warned[-1]
     assert "lower the local learning rate (train.lr=10.0); or clip it: train.max_grad_norm=3.0" in warned[-1]
+
+
+def test_a_baseline_at_chance_is_told_it_forgets_not_to_lower_the_step(
+    project: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fine-tuning on long-tailed skewed clients ends at chance because it forgets and follows the head
+    class, while every client fits its own data: the remedy named is a method, not the learning rate."""
+    import logging
+
+    overrides = {
+        "federation.rounds_per_task": 3,
+        "partition.imbalance_factor": 20.0,
+        "tasks.classes_per_task": 2,
+    }
+    with caplog.at_level(logging.WARNING):
+        _, metrics = smoke_run(project, "forgets", **overrides)
+    warned = [r.getMessage() for r in caplog.records if "chance on the" in r.getMessage()]
+    assert metrics["final_balanced_accuracy"] <= 0.1 + 1e-9, metrics
+    assert warned and "the clients fit their own samples" in warned[-1], warned
+    assert "continual method (continual.method)" in warned[-1] and "learning rate" not in warned[-1]
