@@ -27,6 +27,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from strategies.base import DIVERGED  # noqa: E402  (the rejection message of a NaN/Inf update)
+
 SWEEPS = {
     "continual": "continual.method",
     "objectives": "train.objective",
@@ -72,8 +77,8 @@ def cell_stats(rows: list[dict[str, str]], method_field: str, metric: str) -> di
         bal = [_float(r["final_balanced_accuracy"]) for r in done]
         out[key] = {
             "runs": len(members),
-            "diverged": sum("NaN or Inf" in e for e in errors),
-            "failed": sum("NaN or Inf" not in e for e in errors),
+            "diverged": sum(DIVERGED in e for e in errors),
+            "failed": sum(DIVERGED not in e for e in errors),
             "errors": sorted(set(errors)),
             "collapsed": sum(b <= CHANCE + 1e-9 for b in bal),
             "mean": statistics.fmean(head) if head else math.nan,

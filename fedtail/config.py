@@ -641,13 +641,15 @@ _OPTIONS_OF: dict[str, tuple[Registry, str]] = {
 """Each section with plug-in options: the registry and the field naming the plug-in."""
 
 
+def with_data_revision(section: dict[str, Any]) -> dict[str, Any]:
+    """A dumped dataset section with its `DatasetSpec.revision` added when it is not 0 (so the keys of
+    datasets never revised stay what they were): what fingerprints and staged-cache keys hash."""
+    revision = DATASETS.get(section["name"]).revision
+    return {**section, "revision": revision} if revision else section
+
+
 def _with_data_revision(dump: dict[str, Any]) -> dict[str, Any]:
-    """``dump`` with the dataset's `DatasetSpec.revision` in its dataset section when it is not 0 (so
-    fingerprints of datasets never revised stay what they were)."""
-    revision = DATASETS.get(dump["dataset"]["name"]).revision
-    if revision:
-        dump["dataset"] = {**dump["dataset"], "revision": revision}
-    return dump
+    return {**dump, "dataset": with_data_revision(dump["dataset"])}
 
 
 def _digest(data: Any) -> str:

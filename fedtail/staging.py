@@ -45,7 +45,7 @@ import numpy as np
 import yaml
 
 from fedtail import io
-from fedtail.config import ConfigError
+from fedtail.config import ConfigError, with_data_revision
 from fedtail.datasets.base import DatasetSpec, Splits
 from fedtail.registry import DATASETS
 
@@ -496,10 +496,7 @@ def add_data(cfg: FedtailConfig, root: Path = Path(".")) -> tuple[list[str], boo
 # ---- staged arrays ---------------------------------------------------------------------------------
 def _stage_key(md5: str, cfg: FedtailConfig) -> str:
     """Data version + the dataset fields that shape the arrays (not where torchvision files live)."""
-    section = cfg.dataset.model_dump(mode="json", exclude={"root", "download"})
-    revision = DATASETS.get(cfg.dataset.name).revision
-    if revision:
-        section["revision"] = revision
+    section = with_data_revision(cfg.dataset.model_dump(mode="json", exclude={"root", "download"}))
     blob = json.dumps({"data_md5": md5, "dataset": section}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

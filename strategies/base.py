@@ -45,7 +45,8 @@ def divergence_hint(cfg: FedtailConfig, what: str = "local training diverged") -
         scale = getattr(cfg, section).options.get("lr_scale")
         if scale is not None:
             settings.append(f"{section}.options.lr_scale={scale}")
-    clip = "" if cfg.train.max_grad_norm is not None else "; or clip it: train.max_grad_norm=3.0"
+    default_clip = type(cfg.train).model_fields["max_grad_norm"].default
+    clip = "" if cfg.train.max_grad_norm is not None else f"; or clip it: train.max_grad_norm={default_clip}"
     return (
         f"{what} under continual.method={cfg.continual.method!r}, "
         f"train.objective={cfg.train.objective!r}, strategy.name={cfg.strategy.name!r}; "
