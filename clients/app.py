@@ -153,6 +153,7 @@ def _local_context(msg: Message, context: Context, model: torch.nn.Module | None
         state=context.state,
         device=device,
         options=dict(cfg.train.options),
+        message=msg.content,
     )
 
 
@@ -182,6 +183,7 @@ def train(msg: Message, context: Context) -> Message:
                     P.MEMORY_BYTES: memory_bytes,
                 }
             ),
+            **ctx.reply,
         }
     )
     return Message(content, reply_to=msg)

@@ -19,10 +19,11 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
 from clients.oversampling import is_flat, smote, smote_features
+from clients.terms import LossTerm, Step
 from fedtail.models import array_from_numpy, array_to_numpy, on_device
 from fedtail.partition import load_client
 from fedtail.protocol import Job
-from fedtail.registry import CONTINUAL, OBJECTIVES
+from fedtail.registry import CONTINUAL, OBJECTIVES, STRATEGIES
 from fedtail.staging import load_staged
 
 
@@ -62,6 +63,10 @@ class LocalContext:
     previous_head: dict[str, np.ndarray] | None = None
     """The continual method's head as of the end of the previous task (`ContinualMethod.statistics_rounds`
     methods; sent beside the previous model), e.g. BiC's bias layer of the teacher."""
+    message: RecordDict = field(default_factory=RecordDict)
+    """The train message's content: its config record and the strategy's records (`train_records`)."""
+    reply: dict[str, Any] = field(default_factory=dict)
+    """Records the strategy's client part adds to the train reply (control variates, statistics)."""
 
     def received(self, classes: Sequence[int]) -> list[int]:
         """Those of ``classes`` whose data this client received (`held_classes`)."""
@@ -256,13 +261,25 @@ def _hidden_classes(classes: list[int] | None, num_classes: int, device: torch.d
     return hidden
 
 
+def strategy_terms(ctx: LocalContext) -> list[LossTerm]:
+    """The server strategy's client part for this round (none for a server-only strategy)."""
+    cfg = ctx.job.config
+    strategy = STRATEGIES.get(cfg.strategy.name)
+    term = strategy.client_term
+    return [] if term is None else [term(ctx, strategy.Options.model_validate(cfg.strategy.options))]
+
+
 def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
     """Run ``train.epochs`` epochs of minibatch training; return (mean loss, real examples).
 
     With ``train.oversample: smote`` the round's samples are topped up with SMOTE's: synthetic inputs
     for flat data; for other data synthetic features, which the classifier alone sees (they join each
     batch's logits; the objective's ``x`` and the continual method's terms see the real samples only).
-    The objective's local counts are those of the real samples."""
+    The objective's local counts are those of the real samples.
+
+    Each step is one forward pass whose features and logits every loss term shares: the strategy's
+    client part adjusts the logits the objective scores and adds its term, beside the objective's loss
+    and the continual method's `extra_loss` (`clients.terms`)."""
     cfg = ctx.job.config
     method = CONTINUAL.get(cfg.continual.method)(ctx)
     xt, yt = method.training_data(torch.from_numpy(x), torch.from_numpy(y))
@@ -286,9 +303,13 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
     if fy is not None:
         fy = fy.to(ctx.device)
     objective.begin()
-    optimizer = make_optimizer(model, ctx.job, cfg.train.lr * objective.lr_scale() * method.lr_scale())
+    lr = cfg.train.lr * objective.lr_scale() * method.lr_scale()
+    optimizer = make_optimizer(model, ctx.job, lr)
     if cfg.train.keep_optimizer_state:
         restore_optimizer_state(optimizer, ctx)
+    terms = strategy_terms(ctx)
+    for term in terms:
+        term.begin(model, lr)
     generator = torch.Generator().manual_seed(seed)
     bs = cfg.train.batch_size
     total, steps = 0.0, 0
@@ -304,22 +325,35 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
             batch = order[start : start + bs]
             if feats is None:
                 xb, yb = xt[batch], yt[batch]
-                logits = model(xb)
+                f = model.features(xb)
+                logits = model.classifier(f)
             else:  # real samples through the model, synthetic features through the classifier
                 real, syn = batch[batch < n], batch[batch >= n] - n
                 xb = xt[real]
-                logits = torch.cat([model(xb), model.classifier(feats[syn])])
+                f = model.features(xb)
+                logits = torch.cat([model.classifier(f), model.classifier(feats[syn])])
                 yb = torch.cat([yt[real], fy[syn]])
                 batch = real
-            seen_by_objective = logits if hidden is None else logits.masked_fill(hidden, HIDDEN_LOGIT)
+            scored = logits
+            for term in terms:
+                scored = term.adjust_logits(scored)
+            seen_by_objective = scored if hidden is None else scored.masked_fill(hidden, HIDDEN_LOGIT)
             loss = objective.loss(seen_by_objective, yb, xb)
             if weight != 1.0:
                 loss = weight * loss
             extra = method.extra_loss(logits[: len(xb)], yb[: len(xb)], xb)
             if extra is not None:
                 loss = loss + extra
+            if terms:
+                step = Step(xb, yb, f, logits)
+                for term in terms:
+                    added = term.loss(step)
+                    if added is not None:
+                        loss = loss + added
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for term in terms:
+                term.before_step()
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
@@ -328,6 +362,8 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
             steps += 1
     objective.end()
     method.end_round()
+    for term in terms:
+        term.end(model, steps)
     if cfg.train.keep_optimizer_state:
         save_optimizer_state(optimizer, ctx)
     return total / max(steps, 1), n_real

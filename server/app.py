@@ -235,7 +235,7 @@ def evaluate_round(
         **recall,
         **precision,
     }
-    context.recorder.record_round(row, arrays)
+    context.recorder.record_round(row, arrays, strategy.state_dict())
     log.info(
         "task %d/%d round %d/%d%s  balanced_acc=%.4f  acc=%.4f  macro_f1=%.4f  loss=%.4f",
         t + 1,
@@ -265,7 +265,8 @@ def evaluate_round(
 
 class StrategyBannerOnce(logging.Filter):
     """Flower's strategy prints a banner each time it starts, i.e. once per task and stage here, with the
-    whole train ConfigRecord (the job's JSON, pages of it): show the banner once, the config in one line."""
+    whole train ConfigRecord (the job's JSON, pages of it): show the banner once, the config in one line.
+    Flower's line about the nodes it sampled is dropped: fedtail sends the round to its own sample."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -279,6 +280,8 @@ class StrategyBannerOnce(logging.Filter):
         if self.muting:
             self.muting = msg != ""  # the banner ends with an empty line
             return False
+        if msg.startswith("configure_train: Sampled"):
+            return False  # Flower's own draw, which fedtail replaces by its seeded one
         if msg.startswith("\t├── ConfigRecord (train)"):
             record.args = ("the job (resolved config, data locations), task, stage, classes, class prior",)
         return True
@@ -324,6 +327,8 @@ def _run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | N
     arrays = recorder.arrays or to_arrays(model)
     strategy = STRATEGIES.get(cfg.strategy.name).from_config(cfg, node_of)
     strategy.client_info, strategy.client_states = recorder.client_info, recorder.client_states  # shared
+    if recorder.resumed:
+        strategy.load_state_dict(recorder.strategy_state)
     round_context = RoundContext(cfg, evaluator, recorder, strategy, schedule, on_round)
     shape = meta["input_shape"]
     rounds, n_tasks = cfg.federation.rounds_per_task, schedule.num_tasks

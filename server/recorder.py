@@ -210,6 +210,8 @@ class RunRecorder:
         self.task_rows: list[dict] = []  # tasks.csv: one row per finished task
         self.client_info: dict[int, dict] = {}
         self.client_states: dict[int, bytes] = {}
+        self.strategy_state: dict[str, object] = {}
+        """The server strategy's own state as of the last recorded round (`FedtailStrategy.state_dict`)."""
         self.resumed = False
         self._csv_rows = 0  # rows of self.rows that rounds.csv holds, as written by this recorder
         self._fingerprint = cfg.experiment_fingerprint()
@@ -231,6 +233,7 @@ class RunRecorder:
         self.task_rows = json_from_tensor(state["task_rows"]) if "task_rows" in state else []
         self.client_info = state["client_info"]
         self.client_states = state["client_states"]
+        self.strategy_state = state.get("strategy_state", {})
 
     @property
     def rounds_done(self) -> int:
@@ -241,11 +244,16 @@ class RunRecorder:
         return sum(1 for r in self.rows if r["task"] == task and stage in (None, r.get("stage", "fl")))
 
     # ---- recording ------------------------------------------------------------------------------
-    def record_round(self, row: dict, arrays: ArrayRecord) -> None:
+    def record_round(
+        self, row: dict, arrays: ArrayRecord, strategy_state: dict[str, object] | None = None
+    ) -> None:
         """Append ``row`` and checkpoint; ``client_info`` / ``client_states`` are this recorder's dicts, which
-        the strategy fills in place (`server.app` hands them to it), so they are as of this round."""
+        the strategy fills in place (`server.app` hands them to it), so they are as of this round, as is
+        ``strategy_state`` (the strategy's `state_dict` after the round's aggregation)."""
         self.rows.append(row)
         self.arrays = arrays
+        if strategy_state is not None:
+            self.strategy_state = strategy_state
         self._checkpoint()
         self._write_rounds()
 
@@ -288,6 +296,7 @@ class RunRecorder:
             "task_rows": json_tensor(self.task_rows),
             "client_info": json_tensor(sorted(self.client_info.items())),
             "client_states": pack_states(self.client_states),
+            "strategy_state": self.strategy_state,
         }
         io.write_with(self.run_dir / CHECKPOINT, lambda fh: torch.save(state, fh))
 

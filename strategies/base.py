@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import ClassVar, NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from clients.state import split_state
+from clients.state import STATE_PREFIX, split_state
 from clients.state import to_bytes as state_to_bytes
 from fedtail import protocol as P
 from fedtail.config import FedtailConfig
@@ -58,9 +60,12 @@ class RoundCounts(NamedTuple):
     """What happened to one round's sampled clients (rounds.csv columns of the same names)."""
 
     num_sampled: int = 0
-    num_clients: int = 0  # updates actually aggregated
+    num_clients: int = 0  # updates actually aggregated (a selecting aggregator's kept ones)
     num_failed: int = 0  # error replies and clients that never replied
     num_rejected: int = 0  # replies whose update failed the checks
+    bytes_down: int = 0  # array payload sent to the sampled clients, summed over them
+    bytes_up: int = 0  # array payload the clients sent back (updates and strategy records), summed
+    kept_clients: str = ""  # partition ids whose updates the aggregation used, space-separated
 
 
 def sample_partitions(
@@ -144,16 +149,96 @@ def weighted_metrics(records: list[RecordDict], weighting_key: str) -> MetricRec
     return MetricRecord(out)
 
 
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays in ``content`` as Flower serialises them (each array's npy bytes): what a
+    message costs on the wire, up to the small config and metric records. A client's ``state:`` records
+    (fedtail's checkpoint copy, not part of any method's communication) are not counted."""
+    return sum(
+        len(array.data)
+        for key, record in content.items()
+        if isinstance(record, ArrayRecord) and not key.startswith(STATE_PREFIX)
+        for array in record.values()
+    )
+
+
+@dataclass(frozen=True)
+class ClientReply:
+    """One aggregated client's reply, as `FedtailStrategy.server_update` sees it."""
+
+    partition_id: int
+    num_examples: float
+    arrays: Decoded
+    """The client's model update (decoded, read-only)."""
+    records: dict[str, Any]
+    """The reply's other records (a strategy's client part sends them: control variates, statistics)."""
+
+
+# ---- strategy state in the checkpoint -----------------------------------------------------------
+def _pack(value: object) -> object:
+    """A strategy attribute as plain tensors, lists and dicts (what ``torch.load(weights_only=True)``
+    reads back)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return {"kind": "plain", "value": value}
+    if isinstance(value, ArrayRecord):
+        return {"kind": "arrayrecord", "value": {k: _tensor(array_to_numpy(a)) for k, a in value.items()}}
+    if isinstance(value, np.ndarray):
+        return {"kind": "ndarray", "value": _tensor(value)}
+    if isinstance(value, dict):
+        return {"kind": "dict", "value": {str(k): _pack(v) for k, v in value.items()}}
+    if isinstance(value, list | tuple):
+        return {"kind": "list", "value": [_pack(v) for v in value]}
+    raise TypeError(f"cannot checkpoint a strategy attribute of type {type(value).__name__}")
+
+
+def _unpack(packed: dict) -> object:
+    kind, value = packed["kind"], packed["value"]
+    if kind == "plain":
+        return value
+    if kind == "arrayrecord":
+        return ArrayRecord({k: array_from_numpy(t.numpy()) for k, t in value.items()})
+    if kind == "ndarray":
+        return value.numpy()
+    if kind == "dict":
+        return {k: _unpack(v) for k, v in value.items()}
+    return [_unpack(v) for v in value]
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(array, copy=True))
+
+
 def keep_frozen(arrays: ArrayRecord, reference: ArrayRecord, prefixes: tuple[str, ...]) -> ArrayRecord:
     """``arrays`` with every array named ``prefix...`` taken from ``reference`` instead."""
     return ArrayRecord({k: reference[k] if k.startswith(prefixes) else v for k, v in arrays.items()})
 
 
+_FLOWER_KEYS = frozenset({P.ARRAYS, P.METRICS, P.INFO})
+
+
 class FedtailStrategy:
-    """Mixin: deterministic sampling by partition id, ordered and validated aggregation."""
+    """Mixin: deterministic sampling by partition id, ordered and validated aggregation.
+
+    Flower's own strategy below it does its part unchanged: its ``configure_train`` builds the train
+    message (FedProx adds ``proximal-mu``, FedOpt remembers the arrays it sent), which the mixin then
+    addresses to the round's seeded sample; its ``aggregate_train`` aggregates the checked updates.
+
+    A strategy with more to it overrides these hooks, each once, generally:
+
+    * `train_records`: records sent to one client beside the model (a server control variate);
+    * `client_term` (class attribute): its client part, a `clients.terms.LossTerm` composed into every
+      local step with the objective and the continual method, which may send records back;
+    * `server_update`: the new global model from Flower's aggregate and the clients' replies (records
+      included), where the strategy also updates its own state;
+    * `STATE`: names of the attributes that are the strategy's state (optimiser moments, variates),
+      checkpointed with every round, so a resumed run continues exactly.
+    """
 
     #: ``strategy.options`` this strategy accepts; the config checks them before any work.
     Options: ClassVar[type[PluginOptions]] = PluginOptions
+    #: Attributes holding the server's state across rounds (and tasks): saved in every checkpoint.
+    STATE: ClassVar[tuple[str, ...]] = ()
+    #: The client part (`clients.terms.LossTerm` subclass), or None for a server-only strategy.
+    client_term: ClassVar[type | None] = None
 
     def __init__(self, cfg: FedtailConfig, node_of_partition: dict[int, int], **kwargs) -> None:
         super().__init__(**kwargs)
@@ -173,6 +258,18 @@ class FedtailStrategy:
         self.frozen_prefixes: tuple[str, ...] = ()
         """Arrays whose names start with one of these are kept as sent (a stage that freezes them, cRT's
         features): float averaging of identical copies could move them by an ulp."""
+        self._bytes_down = 0
+        self._aggregated: list[int] | None = None
+        self._metrics_fn = self.train_metrics_aggr_fn
+
+        def recording_metrics(contents: list[RecordDict], key: str) -> MetricRecord:
+            """Flower's metrics aggregation receives exactly the replies its strategy aggregated (Krum's
+            and Bulyan's selection included): that is how the kept clients are known without rewriting
+            any of Flower's aggregators."""
+            self._aggregated = [int(c[P.INFO][P.PARTITION_ID]) for c in contents]
+            return self._metrics_fn(contents, key)
+
+        self.train_metrics_aggr_fn = recording_metrics
 
     @classmethod
     def from_config(cls, cfg: FedtailConfig, node_of_partition: dict[int, int]) -> FedtailStrategy:
@@ -194,12 +291,51 @@ class FedtailStrategy:
         to map them onto the Flower strategy's own arguments."""
         return cls.Options.model_validate(cfg.strategy.options).model_dump()
 
+    @classmethod
+    def check_config(cls, cfg: FedtailConfig) -> str | None:
+        """Why this strategy cannot run with ``cfg`` (checked with the config, before any work), or None;
+        the client part's own rules included."""
+        term = cls.client_term
+        check = getattr(term, "check_config", None)
+        return None if check is None else check(cfg)
+
     def global_round(self, server_round: int) -> int:
         return self.round_offset + server_round
 
+    # ---- the server's state ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, object]:
+        """The attributes named in `STATE`, as tensors (the checkpoint's ``strategy_state``)."""
+        return {name: _pack(getattr(self, name)) for name in self.STATE}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Resume: set the `STATE` attributes back to a checkpoint's copy."""
+        for name in self.STATE:
+            if name in state:
+                setattr(self, name, _unpack(state[name]))
+
+    # ---- hooks ----------------------------------------------------------------------------------
+    def train_records(self, partition_id: int) -> dict[str, ArrayRecord | ConfigRecord]:
+        """Records one client's train message carries beside the model (none by default)."""
+        return {}
+
+    def update_weight(self, num_examples: float) -> float:
+        """An update's weight in the average, from its client's sample count: FedAvg's own by default."""
+        return num_examples
+
+    def server_update(
+        self, server_round: int, arrays: ArrayRecord | None, replies: list[ClientReply]
+    ) -> ArrayRecord | None:
+        """The round's new global model from Flower's aggregate ``arrays`` and the aggregated clients'
+        ``replies`` (partition order); also where the strategy updates its state. Default: ``arrays``."""
+        return arrays
+
+    # ---- Flower's hooks -------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """Flower's ``configure_train`` (its strategy adds its settings to the message and keeps what it
+        needs for aggregation), then the message goes to the round's seeded sample of partitions
+        instead of Flower's (Python's ``random`` over node ids, which differ between engines)."""
         fed = self.cfg.federation
         gr = self.global_round(server_round)
         pids = sample_partitions(
@@ -209,30 +345,54 @@ class FedtailStrategy:
         config[P.SERVER_ROUND] = server_round
         config[P.GLOBAL_ROUND] = gr
         self._reference = arrays
-        record = RecordDict(
-            {self.arrayrecord_key: arrays, self.configrecord_key: config, **self.extra_records}
+        flower = list(super().configure_train(server_round, arrays, config, grid))
+        base = (
+            dict(flower[0].content)
+            if flower
+            else {self.arrayrecord_key: arrays, self.configrecord_key: config}
         )
-        return self._construct_messages(record, [self.node_of_partition[p] for p in pids], MessageType.TRAIN)
+        base.update(self.extra_records)
+        messages, down = [], 0
+        shared = payload_bytes(RecordDict(base))
+        for pid in pids:
+            own = self.train_records(pid)
+            content = RecordDict({**base, **own})
+            down += shared + (payload_bytes(RecordDict(own)) if own else 0)
+            messages.append(
+                Message(
+                    content=content, dst_node_id=self.node_of_partition[pid], message_type=MessageType.TRAIN
+                )
+            )
+        self._bytes_down = down
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         usable: list[tuple[int, Message, Decoded]] = []
+        uplink: dict[int, dict[str, Any]] = {}
         missing = len(self.last_sampled) - len(replies)
         failed = [f"{missing} sampled client(s) sent no reply within the timeout"] if missing > 0 else []
         rejected: list[str] = []
+        up = 0
         for msg in replies:
             if msg.has_error():
                 failed.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
                 continue
             pid, reason, decoded = self._accept(msg)
+            up += payload_bytes(msg.content)
             if reason:
                 rejected.append(reason)
             elif int(msg.content[P.METRICS][P.NUM_EXAMPLES]) > 0:
+                # Flower's aggregators demand exactly the update and one MetricRecord per reply
+                uplink[pid] = {k: msg.content.pop(k) for k in list(msg.content) if k not in _FLOWER_KEYS}
                 usable.append((pid, msg, decoded))
         n_failed = max(missing, 0) + sum(m.has_error() for m in replies)
-        self.last_counts = RoundCounts(len(self.last_sampled), len(usable), n_failed, len(rejected))
+        counts = RoundCounts(
+            len(self.last_sampled), len(usable), n_failed, len(rejected), self._bytes_down, up
+        )
+        self.last_counts = counts
         gr = self.global_round(server_round)
         for problem in failed:
             log.warning("round %d: failed client: %s", gr, problem)
@@ -246,17 +406,32 @@ class FedtailStrategy:
             self.last_train_loss = float("nan")
             return None, None  # every sampled client had no data of this task: keep the model
         usable.sort(key=lambda item: item[0])
+        self._aggregated = None
         if self._plain_fedavg_aggregation():  # one pass over the arrays decoded for the checks
             arrays = weighted_mean(
-                [d for _, _, d in usable], [m.content[P.METRICS][self.weighted_by_key] for _, m, _ in usable]
+                [d for _, _, d in usable],
+                [self.update_weight(m.content[P.METRICS][self.weighted_by_key]) for _, m, _ in usable],
             )
             contents = [m.content for _, m, _ in usable]
-            if self.train_metrics_aggr_fn is aggregate_metricrecords:
+            if self._metrics_fn is aggregate_metricrecords:
                 metrics = weighted_metrics(contents, self.weighted_by_key)
             else:
-                metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        else:
-            arrays, metrics = super().aggregate_train(server_round, [m for _, m, _ in usable])
+                metrics = self._metrics_fn(contents, self.weighted_by_key)
+            self._aggregated = [pid for pid, _, _ in usable]
+        else:  # Flower's aggregation; an adaptive optimiser counts its steps over the whole run
+            arrays, metrics = super().aggregate_train(gr, [m for _, m, _ in usable])
+        kept = self._aggregated if arrays is not None and self._aggregated is not None else []
+        self.last_counts = counts._replace(
+            num_clients=len(kept), kept_clients=" ".join(str(p) for p in sorted(kept))
+        )
+        arrays = self.server_update(
+            server_round,
+            arrays,
+            [
+                ClientReply(pid, float(m.content[P.METRICS][self.weighted_by_key]), d, uplink[pid])
+                for pid, m, d in usable
+            ],
+        )
         if metrics is not None and P.TRAIN_LOSS in metrics:
             self.last_train_loss = float(metrics[P.TRAIN_LOSS])
         if arrays is not None and self.frozen_prefixes and self._reference is not None:

@@ -86,12 +86,15 @@ def test_round_counts_failed_rejected_and_missing_replies() -> None:
     error = Message(Error(code=0, reason="boom"), reply_to=_reply(2, 0.0, 1))
     arrays, _ = strategy.aggregate_train(1, [_reply(0, 2.0, 5), _reply(1, np.nan, 5), error])
     np.testing.assert_allclose(arrays["w"].numpy(), 2.0)
-    assert strategy.last_counts._asdict() == {
+    counts = strategy.last_counts._asdict()
+    assert {k: counts[k] for k in ("num_sampled", "num_clients", "num_failed", "num_rejected")} == {
         "num_sampled": 4,
         "num_clients": 1,
         "num_failed": 2,
         "num_rejected": 1,
     }
+    assert counts["kept_clients"] == "0"  # a reply whose update was rejected still cost its bytes
+    assert counts["bytes_up"] == 2 * sum(len(a.data) for a in _arrays(0.0).values())
 
 
 def test_client_state_records_are_kept_apart_from_the_update() -> None:

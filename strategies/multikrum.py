@@ -1,0 +1,39 @@
+"""Multi-Krum: the average of the m updates with the best Krum scores.
+
+El Mhamdi, Guerraoui & Rouault, 2018, "The Hidden Vulnerability of Distributed Learning in Byzantium"
+(ICML), after Blanchard et al., 2017: Krum's score (sum of squared distances to the n - f - 2 nearest
+updates), the m lowest-scoring updates averaged by sample count. The selection is Flower's
+``MultiKrum``; the kept clients are the ``kept_clients`` column of rounds.csv.
+"""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import MultiKrum
+from pydantic import Field
+
+from fedtail.config import FedtailConfig
+from fedtail.registry import STRATEGIES, PluginOptions
+from strategies._robust import sampled_per_round, too_few
+from strategies.base import FedtailStrategy
+
+
+@STRATEGIES.register("multikrum")
+class MultiKrumStrategy(FedtailStrategy, MultiKrum):
+    """Flower's MultiKrum."""
+
+    class Options(PluginOptions):
+        """Flower's ``MultiKrum`` arguments: f attackers to tolerate, m updates to average."""
+
+        num_malicious_nodes: int = Field(0, ge=0, le=10_000)
+        num_nodes_to_select: int = Field(1, ge=1, le=10_000)
+
+    @classmethod
+    def check_config(cls, cfg: FedtailConfig) -> str | None:
+        options = cls.Options.model_validate(cfg.strategy.options)
+        problem = too_few(cfg, options.num_malicious_nodes + 3, "Krum's score needs n - f - 2 >= 1 others")
+        if problem is None and options.num_nodes_to_select > sampled_per_round(cfg):
+            return (
+                f"strategy.options.num_nodes_to_select={options.num_nodes_to_select} exceeds the "
+                f"{sampled_per_round(cfg)} clients sampled per round"
+            )
+        return problem
