@@ -1,7 +1,7 @@
-"""Bulyan: Krum-selected updates, then a coordinate-wise trimmed mean around their median.
+"""Bulyan: Krum-selected updates, then a coordinate-wise trimmed mean around their median (El Mhamdi,
+Guerraoui & Rouault, 2018, "The Hidden Vulnerability of Distributed Learning in Byzantium", ICML).
 
-El Mhamdi, Guerraoui & Rouault, 2018, "The Hidden Vulnerability of Distributed Learning in Byzantium"
-(ICML): with f attackers among n >= 4f + 3 updates, Multi-Krum selects theta = n - 2f, and each
+With f attackers among n >= 4f + 3 updates, Multi-Krum selects theta = n - 2f, and each
 coordinate is the mean of the beta = theta - 2f values closest to the selection's median. The arithmetic
 is Flower's ``Bulyan``; the selected clients are the ``kept_clients`` column of rounds.csv.
 """

@@ -1,6 +1,6 @@
-"""FedAdagrad.
+"""FedAdagrad: Adagrad on the server (Reddi et al., 2021, "Adaptive Federated Optimization", ICLR).
 
-Reddi et al., 2021, "Adaptive Federated Optimization" (ICLR), Algorithm 2, FedAdagrad: v <- v + Delta^2,
+Algorithm 2, FedAdagrad: v <- v + Delta^2,
 w <- w + eta Delta / (sqrt(v) + tau) (Flower's FedAdagrad has no momentum: beta_1 = 0). The arithmetic is
 Flower's ``FedAdagrad``.
 

@@ -1,6 +1,6 @@
-"""FedAdam.
+"""FedAdam: Adam on the server (Reddi et al., 2021, "Adaptive Federated Optimization", ICLR).
 
-Reddi et al., 2021, "Adaptive Federated Optimization" (ICLR): Adam on the server over the pseudo-gradient
+Adam on the server over the pseudo-gradient
 Delta = mean_k w^k - w (Algorithm 2, FedAdam): m <- beta_1 m + (1 - beta_1) Delta, v <- beta_2 v + (1 -
 beta_2) Delta^2, w <- w + eta m / (sqrt(v) + tau). The arithmetic is Flower's ``FedAdam``.
 

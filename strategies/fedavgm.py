@@ -1,7 +1,7 @@
-"""FedAvgM: FedAvg with server momentum.
+"""FedAvgM: FedAvg with server momentum (Hsu, Qi & Brown, 2019, "Measuring the Effects of Non-Identical
+Data Distribution for Federated Visual Classification", arXiv:1909.06335).
 
-Hsu, Qi & Brown, 2019, "Measuring the Effects of Non-Identical Data Distribution for Federated Visual
-Classification" (arXiv:1909.06335): the average client change is a pseudo-gradient g = w - mean_k w^k,
+The average client change is a pseudo-gradient g = w - mean_k w^k,
 the server keeps v <- beta v + g and steps w <- w - eta v. The arithmetic is Flower's ``FedAvgM``.
 
 Defaults: ``server_momentum`` 0.9, the paper's; ``server_learning_rate`` 1 - 0.9 = 0.1, so the effective

@@ -1,7 +1,7 @@
-"""FedMedian: the coordinate-wise median of the client models.
+"""FedMedian: the coordinate-wise median of the client models (Yin et al., 2018, "Byzantine-Robust
+Distributed Learning: Towards Optimal Statistical Rates", ICML).
 
-Yin et al., 2018, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates" (ICML),
-the median aggregator: robust to a minority of arbitrary updates; ignores sample counts. The arithmetic
+The median aggregator is robust to a minority of arbitrary updates; ignores sample counts. The arithmetic
 is Flower's ``FedMedian``.
 """
 

@@ -1,9 +1,9 @@
-"""FedProx: FedAvg whose clients minimise their loss plus (mu / 2) ||w - w^t||^2.
+"""FedProx: clients minimise their loss plus (mu / 2) ||w - w^t||^2 (Li et al., 2020, "Federated Optimization
+in Heterogeneous Networks", MLSys, eq. 2).
 
-Li et al., 2020, "Federated Optimization in Heterogeneous Networks" (MLSys), eq. 2. Flower's ``FedProx``
-sends ``proximal-mu`` with every train message; the client part (`clients.terms.proximal`) adds the term
-to every local step. Default mu 0.01, from the paper's grid {0.001, 0.01, 0.1, 1} (it picks mu per
-dataset).
+Flower's ``FedProx`` sends ``proximal-mu`` with every train message; the client part
+(`clients.terms.proximal`) adds the term to every local step. Default mu 0.01, from the paper's grid
+{0.001, 0.01, 0.1, 1} (it picks mu per dataset).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""FedTrimmedAvg: the coordinate-wise trimmed mean of the client models.
+"""FedTrimmedAvg: the coordinate-wise trimmed mean of the client models (Yin et al., 2018,
+"Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates", ICML).
 
-Yin et al., 2018, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates" (ICML), the
-trimmed-mean aggregator: per coordinate, the largest and smallest ``beta`` share of the values are
+The trimmed-mean aggregator: per coordinate, the largest and smallest ``beta`` share of the values are
 dropped and the rest averaged (unweighted). The arithmetic is Flower's ``FedTrimmedAvg``; ``beta`` 0.2
 is Flower's default and the robust aggregators' 20 % attacker setting.
 """

@@ -1,6 +1,6 @@
-"""FedYogi.
+"""FedYogi: Yogi on the server (Reddi et al., 2021, "Adaptive Federated Optimization", ICLR).
 
-Reddi et al., 2021, "Adaptive Federated Optimization" (ICLR), Algorithm 2, FedYogi: as FedAdam but v <- v -
+Algorithm 2, FedYogi: as FedAdam but v <- v -
 (1 - beta_2) Delta^2 sign(v - Delta^2), whose second moment grows more slowly. The arithmetic is Flower's
 ``FedYogi``.
 

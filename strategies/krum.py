@@ -1,7 +1,7 @@
-"""Krum: the one client update closest to its n - f - 2 nearest neighbours.
+"""Krum: the one client update closest to its n - f - 2 nearest neighbours (Blanchard et al., 2017,
+"Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS).
 
-Blanchard et al., 2017, "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent"
-(NeurIPS): each update's score is the sum of squared distances to its n - f - 2 closest others (f the
+Each update's score is the sum of squared distances to its n - f - 2 closest others (f the
 assumed attackers); the lowest-scoring update becomes the global model. The selection is Flower's
 ``Krum``; the kept client is the ``kept_clients`` column of rounds.csv.
 """

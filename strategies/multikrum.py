@@ -1,9 +1,9 @@
-"""Multi-Krum: the average of the m updates with the best Krum scores.
+"""Multi-Krum: the average of the m updates with the best Krum scores (Blanchard et al., 2017, "Machine
+Learning with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS, section 5).
 
-El Mhamdi, Guerraoui & Rouault, 2018, "The Hidden Vulnerability of Distributed Learning in Byzantium"
-(ICML), after Blanchard et al., 2017: Krum's score (sum of squared distances to the n - f - 2 nearest
-updates), the m lowest-scoring updates averaged by sample count. The selection is Flower's
-``MultiKrum``; the kept clients are the ``kept_clients`` column of rounds.csv.
+Krum's score (sum of squared distances to the n - f - 2 nearest updates), the m lowest-scoring updates
+averaged by sample count. The selection is Flower's ``MultiKrum``; the kept clients are the
+``kept_clients`` column of rounds.csv.
 """
 
 from __future__ import annotations

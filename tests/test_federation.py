@@ -93,3 +93,13 @@ def test_flwr_run_entry_point_runs_the_whole_pipeline(project: Path, tmp_path: P
     run_dir = tmp_path / "runs" / "f"
     assert (run_dir / "metrics.json").is_file() and (run_dir / "report.md").is_file()
     assert (run_dir / runs.MARKER).is_file()
+
+
+def test_a_stateful_strategy_gives_the_same_result_on_ray(project: Path) -> None:
+    """SCAFFOLD (a server variate, clients' variates in their state, records both ways) on Ray's
+    simulation engine, against the in-process engine."""
+    _, inprocess = smoke_run(project, "scaffold", **{"strategy.name": "scaffold"})
+    _, ray = smoke_run(project, "scaffold-ray", **{"strategy.name": "scaffold", "engine.name": "ray"})
+    for key, value in inprocess.items():
+        if isinstance(value, float):
+            assert ray[key] == pytest.approx(value, abs=1e-6), key
