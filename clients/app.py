@@ -20,11 +20,20 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.local import ClientData, LocalContext, frozen, load_client_data, retrain_classifier, train_local
+from clients.attacks import attackers
+from clients.local import (
+    ClientData,
+    LocalContext,
+    frozen,
+    load_client_data,
+    retrain_classifier,
+    step_seed,
+    train_local,
+)
 from clients.state import persist_state
 from fedtail import protocol as P
 from fedtail.models import array_from_numpy, array_to_numpy, load_arrays, model_for, resolve_device, to_arrays
-from fedtail.registry import CONTINUAL
+from fedtail.registry import ATTACKS, CONTINUAL
 from fedtail.staging import load_staged, staged_meta
 from fedtail.tasks import TaskSchedule, sample_tasks, schedule_from_config
 
@@ -157,6 +166,31 @@ def _local_context(msg: Message, context: Context, model: torch.nn.Module | None
     )
 
 
+ATTACK_SEED = 0xA77  # keys each attacking client's per-round corruption
+
+
+def sent_update(job: P.Job, ctx: LocalContext, received: ArrayRecord) -> tuple[ArrayRecord, bool]:
+    """The arrays this client sends and whether it attacks (`clients.attacks`): its trained model, or,
+    for one of the run's attackers, the attack's corruption of it."""
+    cfg = job.config
+    trained = to_arrays(ctx.model)
+    if cfg.attack.name == "none":
+        return trained, False
+    if ctx.partition_id not in attackers(cfg.seed, cfg.federation.num_clients, cfg.attack.fraction):
+        return trained, False
+    attack_cls = ATTACKS.get(cfg.attack.name)
+    attack = attack_cls(attack_cls.Options.model_validate(cfg.attack.options))
+    rng = np.random.default_rng(
+        step_seed(cfg.seed, ctx.task, ctx.global_round, ctx.partition_id, ATTACK_SEED)
+    )
+    sent = attack.corrupt(
+        {k: array_to_numpy(a) for k, a in received.items()},
+        {k: array_to_numpy(a) for k, a in trained.items()},
+        rng,
+    )
+    return ArrayRecord({k: array_from_numpy(np.ascontiguousarray(v)) for k, v in sent.items()}), True
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     job = P.parse_job(str(msg.content[P.CONFIG][P.JOB]))
@@ -170,9 +204,11 @@ def train(msg: Message, context: Context) -> Message:
     if task not in list(state["tasks-seen"]):
         state["tasks-seen"] = [*state["tasks-seen"], task]
     memory_samples, memory_bytes = CONTINUAL.get(cfg.continual.method).memory_footprint(ctx)
+    arrays, attacking = sent_update(job, ctx, msg.content[P.ARRAYS])
+    info = {} if cfg.attack.name == "none" else {P.ATTACKER: attacking}
     content = RecordDict(
         {
-            P.ARRAYS: to_arrays(ctx.model),
+            P.ARRAYS: arrays,
             P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: loss}),
             P.INFO: ConfigRecord(
                 {
@@ -181,6 +217,7 @@ def train(msg: Message, context: Context) -> Message:
                     "tasks-seen": list(state["tasks-seen"]),
                     P.MEMORY_SAMPLES: memory_samples,
                     P.MEMORY_BYTES: memory_bytes,
+                    **info,
                 }
             ),
             **ctx.reply,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from fedtail.registry import (
     ADJUSTMENTS,
+    ATTACKS,
     CONTINUAL,
     DATASETS,
     ENGINES,
@@ -29,6 +30,7 @@ KINDS: dict[str, tuple[Registry, str]] = {
     "strategies": (STRATEGIES, "strategy.name (options: strategy.options)"),
     "continual": (CONTINUAL, "continual.method (options: continual.options)"),
     "adjustments": (ADJUSTMENTS, "evaluation.adjustment (options: evaluation.options)"),
+    "attacks": (ATTACKS, "attack.name (options: attack.options)"),
     "engines": (ENGINES, "engine.name"),
 }
 """``fedtail list KIND``: the registry and the config field that picks from it."""

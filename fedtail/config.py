@@ -34,6 +34,7 @@ from pydantic import (
 
 from fedtail.registry import (
     ADJUSTMENTS,
+    ATTACKS,
     CONTINUAL,
     DATASETS,
     ENGINES,
@@ -82,6 +83,7 @@ ObjectiveName = _plugin_name(OBJECTIVES)
 ContinualName = _plugin_name(CONTINUAL)
 EngineName = _plugin_name(ENGINES)
 AdjustmentName = _plugin_name(ADJUSTMENTS)
+AttackName = _plugin_name(ATTACKS)
 
 
 def _checked_options(
@@ -295,6 +297,25 @@ class FederationConfig(_Section):
     min_train_clients: int = Field(1, ge=1, description="Lower bound on clients sampled per round.")
 
 
+class AttackConfig(_Section):
+    """Byzantine clients (robustness experiments); off by default."""
+
+    name: AttackName = Field(
+        "none",
+        description="Registered attack the attacking clients make (sign_flip, scaling, gaussian); none: "
+        "every client is honest.",
+    )
+    fraction: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="Share of the clients that attack: a seeded choice, fixed for the run.",
+    )
+    options: _plugin_options(ATTACKS, "name") = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="Attack options, as its `Options` declares."
+    )
+
+
 class StrategyConfig(_Section):
     name: StrategyName = Field("fedavg", description="Registered server strategy.")
     options: _plugin_options(STRATEGIES, "name") = Field(  # type: ignore[valid-type]
@@ -481,6 +502,7 @@ class FedtailConfig(_Section):
     tasks: TasksConfig = Field(default_factory=TasksConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
     crt: CrtConfig = Field(default_factory=CrtConfig)
@@ -525,6 +547,12 @@ class FedtailConfig(_Section):
             raise ValueError(
                 f"model.depth={self.model.depth} sets the mlp's hidden layers, but the model is "
                 f"{self.model_name()!r}; remove model.depth or set model.name=mlp"
+            )
+        if self.attack.name != "none" and round(self.attack.fraction * self.federation.num_clients) == 0:
+            raise ValueError(
+                f"attack.name={self.attack.name!r} with attack.fraction={self.attack.fraction} of "
+                f"federation.num_clients={self.federation.num_clients} makes no client an attacker: raise "
+                "attack.fraction, or set attack.name=none"
             )
         for registry, name in (
             (OBJECTIVES, self.train.objective),
@@ -578,8 +606,9 @@ class FedtailConfig(_Section):
 
     def fingerprint(self, *sections: str) -> str:
         """Short stable hash of the whole config, or of the named sections (cache keys, run ids)."""
-        data = _with_data_revision(self.model_dump(mode="json"))
+        data = _without_off_sections(_with_data_revision(self.model_dump(mode="json")))
         if sections:
+            sections = tuple(s for s in sections if s.split(".")[0] in data)
             data = {s: _get_dotted(data, s) for s in sections}
         return _digest(data)
 
@@ -596,8 +625,8 @@ class FedtailConfig(_Section):
         with their defaults filled in, so a plug-in at its defaults hashed either way, and it had none
         of the `ADDED_FIELDS` (a config holding their old behaviour hashes without them). Checkpoints
         and sweep run folders of those versions are still recognised through these."""
-        dump = _with_data_revision(self.model_dump(mode="json"))
-        data = {s: dump[s] for s in _EXPERIMENT_SECTIONS}
+        dump = _without_off_sections(_with_data_revision(self.model_dump(mode="json")))
+        data = {s: dump[s] for s in _EXPERIMENT_SECTIONS if s in dump}
         for key, before in ADDED_FIELDS.items():
             section, name = key.rsplit(".", 1)
             if _get_dotted(data, section).get(name) == before:
@@ -605,7 +634,8 @@ class FedtailConfig(_Section):
         at_defaults = [
             (section, registry)
             for section, (registry, name_field) in _OPTIONS_OF.items()
-            if data[section]["options"]
+            if section in data
+            and data[section]["options"]
             and data[section]["options"] == check_options(registry, data[section][name_field], {})
         ]
         found = set()
@@ -630,6 +660,19 @@ ADDED_FIELDS: dict[str, Any] = {
 existed. Adding a field to the config changes every fingerprint; listing it here keeps the runs of older
 versions resumable (`FedtailConfig.legacy_experiment_fingerprints`)."""
 
+OFF_SECTIONS: dict[str, tuple[str, Any]] = {"attack": ("name", "none")}
+"""Sections added since c40e41b whose off state (the field's value given) behaves as fedtail did before
+them: a config with the section off hashes without it, so every fingerprint of such configs (cache keys,
+run ids, checkpoints) is what it was."""
+
+
+def _without_off_sections(data: dict[str, Any]) -> dict[str, Any]:
+    for section, (name, off) in OFF_SECTIONS.items():
+        if section in data and data[section].get(name) == off:
+            data = {k: v for k, v in data.items() if k != section}
+    return data
+
+
 _EXPERIMENT_SECTIONS = tuple(k for k in FedtailConfig.model_fields if k not in ("output", "engine", "serve"))
 _OPTIONS_OF: dict[str, tuple[Registry, str]] = {
     "partition": (PARTITIONERS, "method"),
@@ -637,6 +680,7 @@ _OPTIONS_OF: dict[str, tuple[Registry, str]] = {
     "train": (OBJECTIVES, "objective"),
     "continual": (CONTINUAL, "method"),
     "evaluation": (ADJUSTMENTS, "adjustment"),
+    "attack": (ATTACKS, "name"),
 }
 """Each section with plug-in options: the registry and the field naming the plug-in."""
 

@@ -38,6 +38,7 @@ STATISTICS = "statistics"  # a client's reply to an end-of-task exchange (`task_
 EXCHANGE = "exchange"  # which end-of-task exchange a statistics message belongs to (0-based)
 STAGE = "stage"  # "fl" (a task's federated rounds) or "crt" (classifier re-training, features frozen)
 GLOBAL_ROUND = "global-round"
+ATTACKER = "attacker"  # in a train reply's info, when attack.name is set: whether this client attacks
 SERVER_ROUND = "server-round"
 
 # Node config key Flower's simulation engine sets (we set the same in the in-process engine).

@@ -185,10 +185,18 @@ class RoundContext:
 
 
 def collapse_hint(cfg: FedtailConfig, train_loss: float) -> str:
-    """Why a task can end at chance, told apart by whether the clients fit their own samples: a training
-    loss still above ln 2 means the local steps do not learn (too large a step); a low one means they do,
-    and the global model forgets or follows the head classes (the data's doing, as in the default
-    fine-tuning baseline)."""
+    """Why a task can end at chance: attacking clients, if the run has them; else, told apart by whether
+    the clients fit their own samples: a training loss still above ln 2 means the local steps do not
+    learn (too large a step); a low one means they do, and the global model forgets or follows the head
+    classes (the data's doing, as in the default fine-tuning baseline)."""
+    if cfg.attack.name != "none":
+        k = round(cfg.attack.fraction * cfg.federation.num_clients)
+        return (
+            f"attack.name={cfg.attack.name!r}: {k} of {cfg.federation.num_clients} clients send corrupted "
+            f"updates, which strategy.name={cfg.strategy.name!r} averages in; a robust aggregator "
+            "(multikrum, bulyan, fedmedian, fedtrimmedavg; strategy.options.num_malicious_nodes where it "
+            "takes one) is the remedy"
+        )
     if not math.isfinite(train_loss) or train_loss >= math.log(2):
         hint = divergence_hint(cfg, "training collapsed")
         return f"the clients do not fit their own samples (training loss {train_loss:.3f}); {hint}"

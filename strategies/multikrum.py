@@ -25,15 +25,30 @@ class MultiKrumStrategy(FedtailStrategy, MultiKrum):
         """Flower's ``MultiKrum`` arguments: f attackers to tolerate, m updates to average."""
 
         num_malicious_nodes: int = Field(0, ge=0, le=10_000)
-        num_nodes_to_select: int = Field(1, ge=1, le=10_000)
+        num_nodes_to_select: int | None = Field(
+            None,
+            ge=1,
+            le=10_000,
+            description="m; null: n - f, every update but the f tolerated (Flower's default 1 is Krum).",
+        )
+
+    @classmethod
+    def options_from_config(cls, cfg: FedtailConfig) -> dict:
+        options = cls.Options.model_validate(cfg.strategy.options)
+        m = options.num_nodes_to_select
+        return {
+            "num_malicious_nodes": options.num_malicious_nodes,
+            "num_nodes_to_select": sampled_per_round(cfg) - options.num_malicious_nodes if m is None else m,
+        }
 
     @classmethod
     def check_config(cls, cfg: FedtailConfig) -> str | None:
         options = cls.Options.model_validate(cfg.strategy.options)
         problem = too_few(cfg, options.num_malicious_nodes + 3, "Krum's score needs n - f - 2 >= 1 others")
-        if problem is None and options.num_nodes_to_select > sampled_per_round(cfg):
+        m = options.num_nodes_to_select
+        if problem is None and m is not None and m > sampled_per_round(cfg):
             return (
-                f"strategy.options.num_nodes_to_select={options.num_nodes_to_select} exceeds the "
+                f"strategy.options.num_nodes_to_select={m} exceeds the "
                 f"{sampled_per_round(cfg)} clients sampled per round"
             )
         return problem
