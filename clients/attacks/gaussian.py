@@ -1,6 +1,7 @@
-"""Gaussian attack: the client sends x + N(0, sigma^2) per weight instead of its trained model, an
-update of pure noise (Fang et al., 2020, "Local Model Poisoning Attacks to Byzantine-Robust Federated
-Learning", USENIX Security, its Gaussian attack baseline)."""
+"""Gaussian attack: the client sends x + N(0, sigma^2) instead of its trained model.
+
+An update of pure noise: the Gaussian Byzantine workers of section 5 of (Blanchard et al., 2017,
+"Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS)."""
 
 from __future__ import annotations
 

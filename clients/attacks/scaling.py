@@ -1,6 +1,7 @@
-"""Scaling (boosting) attack: the client sends x + s (y - x), its update multiplied by ``factor`` so it
-outweighs the honest ones in an average (Bhagoji et al., 2019, "Analyzing Federated Learning through an
-Adversarial Lens", ICML, explicit boosting; factor 10, the order of the number of clients there)."""
+"""Scaling attack: the client sends x + factor (y - x).
+
+Its update is boosted so it outweighs the honest ones in an average: the explicit boosting of (Bhagoji et
+al., 2019, "Analyzing Federated Learning through an Adversarial Lens", ICML); factor 10 by default."""
 
 from __future__ import annotations
 

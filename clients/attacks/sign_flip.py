@@ -1,6 +1,7 @@
-"""Sign-flipping attack: the client sends x - s (y - x), its update reversed and scaled by ``scale``
-(Li et al., 2019, "RSA: Byzantine-Robust Stochastic Aggregation Methods for Distributed Learning from
-Heterogeneous Datasets", AAAI; the attack of its experiments, with scale 1 there; 4 is also common)."""
+"""Sign-flipping attack: the client sends x - scale (y - x).
+
+Its update reversed, the sign-flipping attack of (Li et al., 2019, "RSA: Byzantine-Robust Stochastic
+Aggregation Methods for Distributed Learning from Heterogeneous Datasets", AAAI); scale 1 by default."""
 
 from __future__ import annotations
 
