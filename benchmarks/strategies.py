@@ -4,7 +4,7 @@
    Dirichlet alpha 0.1 and 0.5 over 20 clients (half per round), IF 10, plain FL, equal local work,
    3 seeds;
 2. the centralised references: one client holding all the data, with CE and with LDAM-DRW;
-3. the best ``--top`` strategies at alpha 0.1 (by mean balanced accuracy) combined with the best
+3. the best ``--top`` strategies at alpha 0.1 (by mean balanced accuracy), and FedAvg, combined with the best
    objectives of the imbalance benchmark (LDAM-DRW on its cosine head, Balanced Softmax), at alpha 0.1;
 4. ``fedtail sweep benchmarks/sweeps/strategies-attacks.yaml``: 20 % sign-flipping or scaling attackers,
    FedAvg against each robust aggregator (alpha 0.5);
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         combo = {**spec, "axes": {}, "set": {**spec["set"], "partition.alpha": 0.1}}
         combo["variants"] = {
             f"{s}-{o}": {**spec["variants"][s], **overrides}
-            for s in top
+            for s in [*top, BASELINE]
             for o, overrides in OBJECTIVES.items()
         }
         path = Path(tmp) / "strategies-digits-combined.yaml"
@@ -198,11 +198,19 @@ def main(argv: list[str] | None = None) -> int:
             run_sweep(path, "strategies-digits-combined", args.workers),
             ["variant"],
         )
-    print(
-        write_summary(
-            {"strategies": strategies, "centralised": centralised, "combinations": combinations, "top": top}
-        )
-    )
+    attacked = run_sweep(ATTACKS, "strategies-attacks", args.workers)
+    attacks = {
+        str(name): collect("strategies-attacks", group, ["variant"])
+        for name, group in attacked.groupby("attack.name", sort=False)
+    }
+    results = {
+        "strategies": strategies,
+        "centralised": centralised,
+        "combinations": combinations,
+        "attacks": attacks,
+        "top": top,
+    }
+    print(write_summary(results))
     return 0
 
 

@@ -151,6 +151,22 @@ def weighted_metrics(records: list[RecordDict], weighting_key: str) -> MetricRec
     return MetricRecord(out)
 
 
+def in_dtypes_of(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with each array in ``reference``'s dtype. Flower's FedAdam scales its step by a NumPy
+    float64 scalar, which under NumPy 2's promotion rules turns the float32 model into float64: twice the
+    bytes down every round, a model that is no longer the one the clients train."""
+    if all(a.dtype == reference[k].dtype for k, a in arrays.items() if k in reference):
+        return arrays
+    out = {}
+    for key, array in arrays.items():
+        ref = reference.get(key, array)
+        same = array.dtype == ref.dtype
+        out[key] = (
+            array if same else array_from_numpy(array_to_numpy(array).astype(array_to_numpy(ref).dtype))
+        )
+    return ArrayRecord(out)
+
+
 def payload_bytes(content: RecordDict) -> int:
     """Bytes of the arrays in ``content`` as Flower serialises them (each array's npy bytes): what a
     message costs on the wire, up to the small config and metric records. A client's ``state:`` records
@@ -437,6 +453,8 @@ class FedtailStrategy:
             arrays, metrics = _without_full_collections(
                 lambda: super(FedtailStrategy, self).aggregate_train(gr, [m for _, m, _ in usable])
             )
+            if arrays is not None and self._reference is not None:
+                arrays = in_dtypes_of(arrays, self._reference)
         kept = self._aggregated if arrays is not None and self._aggregated is not None else []
         self.last_counts = counts._replace(
             num_clients=len(kept), kept_clients=" ".join(str(p) for p in sorted(kept))

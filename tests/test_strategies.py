@@ -13,7 +13,7 @@ from fedtail import protocol as P
 from fedtail.config import build_config
 from fedtail.engines.inprocess import set_server_identity
 from fedtail.registry import STRATEGIES
-from strategies.base import FedtailStrategy, payload_bytes
+from strategies.base import FedtailStrategy, in_dtypes_of, payload_bytes
 
 FLOWER = {
     "fedavgm": (flower.FedAvgM, {"server_momentum": 0.5, "server_learning_rate": 0.7}),
@@ -126,7 +126,19 @@ def test_two_rounds_match_flowers_own_strategy_bit_for_bit(name: str) -> None:
             assert messages[0].content[P.CONFIG]["proximal-mu"] == 0.3
         arrays_ours, _ = ours.aggregate_train(round_, _replies(round_))
         arrays_theirs, _ = theirs.aggregate_train(round_, _replies(round_))
+        arrays_theirs = in_dtypes_of(arrays_theirs, _model(0.0))  # Flower's FedAdam returns float64
         _same(arrays_ours, arrays_theirs)
+
+
+def test_the_global_model_keeps_its_dtype() -> None:
+    """Flower's FedAdam alone turns a float32 model into float64 (NumPy 2 promotes by its float64 step
+    size); the model fedtail sends on stays float32."""
+    theirs = _theirs("fedadam")
+    list(theirs.configure_train(1, _model(0.0), ConfigRecord(), NodesOnly()))
+    assert theirs.aggregate_train(1, _replies(1))[0]["w"].dtype == "float64"
+    ours = _ours("fedadam", FLOWER["fedadam"][1])
+    list(ours.configure_train(1, _model(0.0), ConfigRecord(), NodesOnly()))
+    assert ours.aggregate_train(1, _replies(1))[0]["w"].dtype == "float32"
 
 
 def test_adaptive_optimisers_count_steps_over_the_whole_run() -> None:
@@ -136,7 +148,8 @@ def test_adaptive_optimisers_count_steps_over_the_whole_run() -> None:
     ours.round_offset = 5
     list(ours.configure_train(1, _model(0.0), ConfigRecord(), NodesOnly()))
     list(theirs.configure_train(6, _model(0.0), ConfigRecord(), NodesOnly()))
-    _same(ours.aggregate_train(1, _replies(1))[0], theirs.aggregate_train(6, _replies(1))[0])
+    expected = in_dtypes_of(theirs.aggregate_train(6, _replies(1))[0], _model(0.0))
+    _same(ours.aggregate_train(1, _replies(1))[0], expected)
 
 
 @pytest.mark.parametrize("name", ["fedavgm", "fedadam", "scaffold"])
