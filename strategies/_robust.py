@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from fedtail.config import FedtailConfig
+from strategies.base import sample_size
 
 
 def sampled_per_round(cfg: FedtailConfig) -> int:
     """Clients sampled each round when every client takes part (`strategies.base.sample_partitions`)."""
     fed = cfg.federation
-    return min(fed.num_clients, max(int(fed.num_clients * fed.fraction_train), fed.min_train_clients))
+    return sample_size(fed.num_clients, fed.fraction_train, fed.min_train_clients)
 
 
 def too_few(cfg: FedtailConfig, needed: int, rule: str) -> str | None:

@@ -70,6 +70,11 @@ class RoundCounts(NamedTuple):
     kept_clients: str = ""  # partition ids whose updates the aggregation used, space-separated
 
 
+def sample_size(available: int, fraction: float, minimum: int) -> int:
+    """How many of ``available`` clients a round samples: ``max(floor(fraction * n), minimum)``, at most n."""
+    return min(available, max(int(available * fraction), minimum))
+
+
 def sample_partitions(
     num_clients: int,
     fraction: float,
@@ -81,10 +86,10 @@ def sample_partitions(
     """Seeded choice of ``max(floor(fraction * n), minimum)`` partition ids for one round, among the
     ``present`` ones (the clients taking part in the task; None: all ``num_clients``), n their count."""
     if present is None:
-        k = min(num_clients, max(int(num_clients * fraction), minimum))
+        k = sample_size(num_clients, fraction, minimum)
         rng = np.random.default_rng([seed, 0x5A4D, global_round])
         return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
-    k = min(len(present), max(int(len(present) * fraction), minimum))
+    k = sample_size(len(present), fraction, minimum)
     rng = np.random.default_rng([seed, 0x5A4D, global_round])
     return sorted(int(present[i]) for i in rng.choice(len(present), size=k, replace=False))
 
@@ -161,9 +166,7 @@ def in_dtypes_of(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     for key, array in arrays.items():
         ref = reference.get(key, array)
         same = array.dtype == ref.dtype
-        out[key] = (
-            array if same else array_from_numpy(array_to_numpy(array).astype(array_to_numpy(ref).dtype))
-        )
+        out[key] = array if same else array_from_numpy(array_to_numpy(array).astype(np.dtype(ref.dtype)))
     return ArrayRecord(out)
 
 
@@ -270,6 +273,9 @@ class FedtailStrategy:
     STATE: ClassVar[tuple[str, ...]] = ()
     #: The client part (`clients.terms.LossTerm` subclass), or None for a server-only strategy.
     client_term: ClassVar[type | None] = None
+    #: Whether ``strategy.options`` are the Flower strategy's constructor arguments (False: the options
+    #: are fedtail's own, read by `server_update` or the client part, as SCAFFOLD's and FedLC's).
+    flower_options: ClassVar[bool] = True
 
     def __init__(self, cfg: FedtailConfig, node_of_partition: dict[int, int], **kwargs) -> None:
         super().__init__(**kwargs)
@@ -320,6 +326,8 @@ class FedtailStrategy:
     def options_from_config(cls, cfg: FedtailConfig) -> dict:
         """Constructor keywords from ``strategy.options`` (already checked against `Options`); override
         to map them onto the Flower strategy's own arguments."""
+        if not cls.flower_options:
+            return {}
         return cls.Options.model_validate(cfg.strategy.options).model_dump()
 
     @classmethod

@@ -20,13 +20,10 @@ from strategies.base import FedtailStrategy
 class FedLCStrategy(FedtailStrategy, FedAvg):
     """FedAvg with FedLC's calibrated local objective."""
 
+    flower_options = False  # its options are fedtail's own, not Flower FedAvg's
     client_term = FedLCTerm
 
     class Options(PluginOptions):
         """FedLC's calibration strength."""
 
         tau: float = Field(1.0, gt=0.0, le=100.0)
-
-    @classmethod
-    def options_from_config(cls, cfg) -> dict:
-        return {}  # the client part's setting, not Flower FedAvg's

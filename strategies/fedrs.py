@@ -20,13 +20,10 @@ from strategies.base import FedtailStrategy
 class FedRSStrategy(FedtailStrategy, FedAvg):
     """FedAvg with FedRS's restricted softmax on the clients."""
 
+    flower_options = False  # its options are fedtail's own, not Flower FedAvg's
     client_term = FedRSTerm
 
     class Options(PluginOptions):
         """FedRS's scaling of the missing classes' logits."""
 
         alpha: float = Field(0.5, ge=0.0, le=1.0)
-
-    @classmethod
-    def options_from_config(cls, cfg) -> dict:
-        return {}  # the client part's setting, not Flower FedAvg's

@@ -39,6 +39,7 @@ class ScaffoldStrategy(FedtailStrategy, FedAvg):
     """SCAFFOLD's server: FedAvg's average, the global step and the server control variate."""
 
     STATE = ("control",)
+    flower_options = False  # its options are fedtail's own, not Flower FedAvg's
     client_term = ScaffoldTerm
 
     class Options(PluginOptions):
@@ -48,10 +49,6 @@ class ScaffoldStrategy(FedtailStrategy, FedAvg):
         sample_weighted: bool = Field(
             False, description="Average the models by sample count (FedAvg's) instead of the paper's mean."
         )
-
-    @classmethod
-    def options_from_config(cls, cfg) -> dict:
-        return {}  # SCAFFOLD's options are its own, not Flower FedAvg's
 
     def __init__(self, cfg, node_of_partition, **kwargs) -> None:
         super().__init__(cfg, node_of_partition, **kwargs)
