@@ -291,6 +291,7 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
     model = ctx.model if on_device(ctx.model, ctx.device) else ctx.model.to(ctx.device)
     seed = step_seed(cfg.seed, ctx.task, ctx.global_round, ctx.partition_id)
     feats = fy = None
+    x_real, y_real = xt, yt
     if cfg.train.oversample == "smote":
         if is_flat(xt):
             xs, ys = smote(xt.numpy(), yt.numpy(), cfg.train.smote_k, seed)
@@ -309,7 +310,7 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
         restore_optimizer_state(optimizer, ctx)
     terms = strategy_terms(ctx)
     for term in terms:
-        term.begin(model, lr)
+        term.begin(model, lr, x_real, y_real)
     generator = torch.Generator().manual_seed(seed)
     bs = cfg.train.batch_size
     total, steps = 0.0, 0

@@ -149,6 +149,25 @@ class Evaluator:
             out["adjusted_confusion"] = adjusted["confusion"]
         return out
 
+    def per_client_view(
+        self, result: dict, models: list[ArrayRecord], index: Sequence[int], seen: Sequence[int]
+    ) -> dict:
+        """``result`` with each client's personalised accuracy (and their summary) scored with its own
+        model, ``models[index[k]]`` for client k: the per-client view of a federation that trains
+        several models (clustered FL); the other metrics stay the evaluated model's (the global view)."""
+        if self.client_counts is None:
+            return result
+        index = np.asarray(index, dtype=np.int64)
+        accuracies = np.full(len(index), np.nan)
+        mask = np.isin(self.y, list(seen))
+        for m, arrays in enumerate(models):
+            members = np.flatnonzero(index == m)
+            if members.size:
+                y_pred, _ = self.predict(arrays, seen)
+                recall = classification_metrics(self.y[mask], y_pred[mask], list(seen))["per_class_recall"]
+                accuracies[members] = client_accuracies(self.client_counts[members], recall)
+        return {**result, "client_accuracies": accuracies, **client_accuracy_summary(accuracies)}
+
     def _scores(self, y_pred: np.ndarray, proba: np.ndarray, seen: Sequence[int]) -> dict:
         mask = np.isin(self.y, list(seen))
         y, pred, proba = self.y[mask], y_pred[mask], proba[mask]

@@ -263,6 +263,9 @@ class FedtailStrategy:
       local step with the objective and the continual method, which may send records back;
     * `server_update`: the new global model from Flower's aggregate and the clients' replies (records
       included), where the strategy also updates its own state;
+    * `evaluation_arrays`: the model evaluated and saved, when it is not the one the clients train;
+    * `client_models`: the models of the per-client view, when clients train different models (their
+      train messages carry them: `train_records` may replace the ``arrays`` record);
     * `STATE`: names of the attributes that are the strategy's state (optimiser moments, variates),
       checkpointed with every round, so a resumed run continues exactly.
     """
@@ -368,6 +371,17 @@ class FedtailStrategy:
         ``replies`` (partition order); also where the strategy updates its state. Default: ``arrays``."""
         return arrays
 
+    def client_models(self, arrays: ArrayRecord) -> tuple[list[ArrayRecord], list[int]] | None:
+        """The models clients are scored with in the per-client view when they are not all the global
+        ``arrays`` (clustered FL: each client's cluster model): the distinct models and each partition
+        id's index into them. None (the default): every client is scored with the evaluated model."""
+        return None
+
+    def evaluation_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The model the server evaluates and saves, from the global model the clients train (CReFF's
+        classifier re-trained on the server over the FedAvg backbone); the global model by default."""
+        return arrays
+
     # ---- Flower's hooks -------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -396,7 +410,7 @@ class FedtailStrategy:
         for pid in pids:
             own = self.train_records(pid)
             content = RecordDict({**base, **own})
-            down += shared + (payload_bytes(RecordDict(own)) if own else 0)
+            down += payload_bytes(content) if own else shared  # own records may replace the model
             messages.append(
                 Message(
                     content=content, dst_node_id=self.node_of_partition[pid], message_type=MessageType.TRAIN

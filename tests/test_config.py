@@ -50,7 +50,7 @@ def test_set_overrides_are_parsed_as_yaml() -> None:
         ({"partition.alpha": -1.0}, "partition.alpha", "greater than 0"),
         ({"federation.num_clients": 5000}, "num_clients", "allowed: 1.."),
         ({"tasks.classes_per_task": 3}, "tasks.classes_per_task", "[1, 2, 5, 10]"),
-        ({"strategy.name": "fedmagic"}, "strategy.name", "known: bulyan, fedadagrad, fedadam, fedavg"),
+        ({"strategy.name": "fedmagic"}, "strategy.name", "known: bulyan, creff, fedadagrad, fedadam, fedavg"),
         ({"train.objective": "nope"}, "train.objective", "known: balanced_softmax, ce, class_"),
         ({"continual.method": "nope"}, "continual.method", "unknown continual method 'nope'; known:"),
         ({"dataset.name": "imagenet"}, "dataset.name", "known: "),

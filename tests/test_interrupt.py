@@ -212,11 +212,11 @@ def test_ctrl_c_stops_a_sweep_and_running_it_again_gives_the_same_table(
         f"base: {SMOKE}\n"
         "set:\n"
         "  tasks.classes_per_task: null\n"
-        "  federation.rounds_per_task: 120\n"
+        "  federation.rounds_per_task: 60\n"  # a run takes seconds: room to see one finished, one mid-way
         f"  output.data_dir: {project / 'data'}\n"
         f"  output.artifacts_dir: {tmp_path / 'artifacts'}\n"
         f"  output.sweeps_dir: {tmp_path / 'sweeps'}\n"
-        "axes: {partition.alpha: [0.5, 1.0, 5.0]}\n"
+        "axes: {partition.alpha: [0.5, 5.0]}\n"
         "seeds: [0]\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
@@ -258,7 +258,7 @@ def test_ctrl_c_stops_a_sweep_and_running_it_again_gives_the_same_table(
     assert "Traceback" not in output, output[-3000:]
     assert _alive(children, timeout=10) == []
     assert not (tmp_path / "sweeps" / "grid" / "summary.csv").exists()
-    assert len(list(runs.glob("*/metrics.json"))) < 3
+    assert len(list(runs.glob("*/metrics.json"))) < 2
 
     assert sweep().wait(300) == 0, log_path.read_text()[-3000:]
     assert sweep("--sweep-id", "reference").wait(300) == 0, log_path.read_text()[-3000:]
@@ -268,7 +268,7 @@ def test_ctrl_c_stops_a_sweep_and_running_it_again_gives_the_same_table(
             return list(csv.DictReader(fh))
 
     resumed, reference = table("grid"), table("reference")
-    assert [r["partition.alpha"] for r in resumed] == ["0.5", "1.0", "5.0"]
+    assert [r["partition.alpha"] for r in resumed] == ["0.5", "5.0"]
     assert len(resumed) == len(reference)
     for got, want in zip(resumed, reference, strict=True):
         assert got.keys() == want.keys() and got["runs"] == "1" and got["failed"] == "0"

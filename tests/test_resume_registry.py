@@ -28,7 +28,7 @@ from tests.apps import interruptible
 from tests.conftest import smoke_config
 from tests.plugins import CASES, Case
 
-ROUNDS_PER_TASK = 5  # 2 tasks of the smoke config: 10 rounds, room for two interrupts
+ROUNDS_PER_TASK = 3  # 2 tasks of the smoke config: 6 rounds, room for two interrupts (one per task)
 ROUND_DELAY = 0.05  # seconds each round sleeps after its checkpoint, so the signals land mid-run
 UNCOMPARED = ("timing.json", "config.yaml")  # wall time; config.yaml names its runs_dir (compared below)
 

@@ -54,9 +54,10 @@ class LossTerm:
         self.ctx = ctx
         self.options = options
 
-    def begin(self, model: nn.Module, lr: float) -> None:
-        """Before the first step, with the model holding the received global weights and the local
-        step size the optimiser uses."""
+    def begin(self, model: nn.Module, lr: float, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Before the first step, with the model holding the received global weights, the local step
+        size the optimiser uses and the round's real training samples ``x``, ``y`` (after the continual
+        method's replay, on the CPU): what a term computes once per round (CReFF's real gradients)."""
 
     def adjust_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits the objective scores (calibrated, restricted); the identity by default."""

@@ -46,7 +46,7 @@ def _counts(term: LossTerm) -> np.ndarray:
 class FedLCTerm(LossTerm):
     """FedLC's calibrated logits: z - tau n^(-1/4)."""
 
-    def begin(self, model: nn.Module, lr: float) -> None:
+    def begin(self, model: nn.Module, lr: float, x: torch.Tensor, y: torch.Tensor) -> None:
         shift = fedlc_shift(_counts(self), self.options.tau)
         self.shift = torch.as_tensor(shift, dtype=torch.float32, device=self.ctx.device)
 
@@ -57,7 +57,7 @@ class FedLCTerm(LossTerm):
 class FedRSTerm(LossTerm):
     """FedRS's restricted softmax: the missing classes' logits times alpha."""
 
-    def begin(self, model: nn.Module, lr: float) -> None:
+    def begin(self, model: nn.Module, lr: float, x: torch.Tensor, y: torch.Tensor) -> None:
         scale = fedrs_scale(_counts(self), self.options.alpha)
         self.scale = torch.as_tensor(scale, dtype=torch.float32, device=self.ctx.device)
 

@@ -23,7 +23,7 @@ def proximal_term(
 class ProximalTerm(LossTerm):
     """Adds FedProx's proximal term to every local step."""
 
-    def begin(self, model: nn.Module, lr: float) -> None:
+    def begin(self, model: nn.Module, lr: float, x: torch.Tensor, y: torch.Tensor) -> None:
         self.mu = float(self.ctx.message[P.CONFIG][PROXIMAL_MU])
         self.params = trainable(model)
         self.anchor = {k: p.detach().clone() for k, p in self.params.items()}

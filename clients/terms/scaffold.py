@@ -60,7 +60,7 @@ class ScaffoldTerm(LossTerm):
             )
         return None
 
-    def begin(self, model: nn.Module, lr: float) -> None:
+    def begin(self, model: nn.Module, lr: float, x: torch.Tensor, y: torch.Tensor) -> None:
         self.params = trainable(model)
         self.lr = lr / (1.0 - self.ctx.job.config.train.momentum)
         self.x = {k: p.detach().cpu().numpy().copy() for k, p in self.params.items()}
