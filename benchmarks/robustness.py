@@ -3,6 +3,7 @@ grid of settings nobody tuned them on, with the diverged and collapsed runs coun
 
     python benchmarks/robustness.py            # runs both sweeps (resumable), then writes the table
     python benchmarks/robustness.py --table    # only the table, from the sweeps' runs.csv
+    python benchmarks/robustness.py --grids strategies   # one grid; the others keep their last tables
 
 Sweeps: benchmarks/sweeps/robustness/{continual,objectives,objectives-cosine}.yaml (into
 ``sweeps/robustness-*``; finished runs are reused). Writes benchmarks/results/robustness/summary.{md,json}.
@@ -36,15 +37,19 @@ SWEEPS = {
     "continual": "continual.method",
     "objectives": "train.objective",
     "objectives-cosine": "train.objective",
+    "strategies": "strategy.name",
 }
-BASELINE = {"continual": "finetune", "objectives": "ce", "objectives-cosine": "ce"}
-HEADLINE = {grid: "final_accuracy" for grid in SWEEPS} | {"continual": "final_average_accuracy"}
+BASELINE = {"continual": "finetune", "objectives": "ce", "objectives-cosine": "ce", "strategies": "fedavg"}
+HEADLINE = {grid: "final_accuracy" for grid in SWEEPS} | {
+    "continual": "final_average_accuracy",
+    "strategies": "final_average_accuracy",
+}
 CHANCE = 0.1  # balanced accuracy of a constant prediction over the 10 seen classes
 OUT = REPO / "benchmarks" / "results" / "robustness"
 
 
-def run_sweeps() -> None:
-    for grid in SWEEPS:
+def run_sweeps(grids: list[str]) -> None:
+    for grid in grids:
         cmd = [sys.executable, "-m", "fedtail.cli", "sweep", f"benchmarks/sweeps/robustness/{grid}.yaml"]
         subprocess.run([*cmd, "--sweep-id", f"robustness-{grid}"], cwd=REPO, check=True)
 
@@ -135,24 +140,34 @@ def table(grid: str) -> tuple[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true", help="only write the table from existing sweeps")
-    if not parser.parse_args().table:
-        run_sweeps()
+    parser.add_argument("--grids", nargs="*", default=list(SWEEPS), choices=list(SWEEPS))
+    args = parser.parse_args()
+    if not args.table:
+        run_sweeps(args.grids)
     OUT.mkdir(parents=True, exist_ok=True)
-    parts, data = ["# Robustness grid (issue 18)", ""], {}
-    for grid in SWEEPS:
+    previous = json.loads((OUT / "summary.json").read_text()) if (OUT / "summary.json").is_file() else {}
+    sections = dict(previous.get("_sections", {}))
+    data = {k: v for k, v in previous.items() if k != "_sections"}
+    for grid in args.grids:
         text, summary = table(grid)
         data[grid] = summary
-        parts += [
-            f"## {grid} (`benchmarks/sweeps/robustness/{grid}.yaml`)",
-            "",
-            f"Each cell: {HEADLINE[grid]} / final_balanced_accuracy, mean over seeds 0, 1; ↓: below "
-            f"{BASELINE[grid]} by more than the seeds' spread.",
-            "",
-            text,
-            "",
-        ]
+        sections[grid] = "\n".join(
+            [
+                f"## {grid} (`benchmarks/sweeps/robustness/{grid}.yaml`)",
+                "",
+                f"Each cell: {HEADLINE[grid]} / final_balanced_accuracy, mean over seeds 0, 1; ↓: below "
+                f"{BASELINE[grid]} by more than the seeds' spread.",
+                "",
+                text,
+                "",
+            ]
+        )
+    parts = ["# Robustness grid (issues 18 and 19)", ""]
+    parts += [sections[g] for g in SWEEPS if g in sections]  # a grid not re-run keeps its last table
     (OUT / "summary.md").write_text("\n".join(parts))
-    (OUT / "summary.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    (OUT / "summary.json").write_text(
+        json.dumps({**data, "_sections": sections}, indent=1, sort_keys=True) + "\n"
+    )
     print((OUT / "summary.md").read_text())
 
 

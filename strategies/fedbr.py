@@ -5,11 +5,14 @@ Server: FedAvg for the model, and for FedBR's projection layer (the official cod
 model's state); it builds the shared pseudo-data once and sends them with every round. Client: the
 classifier and feature bias reduction terms (`clients.terms.fedbr`, which names the equations).
 
-The pseudo-data: ``num_pseudo`` samples (32, the official count), each picked, as the official
-``get_augmentation_mean_data`` picks them, from a client chosen at random (here among the first
+The pseudo-data: ``num_pseudo`` samples (32: the official code makes as many as its batch size, so
+each pseudo-sample pairs with one real sample of a batch; fedtail's batch is 32 too), each picked, as
+the official ``get_augmentation_mean_data`` picks them, from a client chosen at random (here among the first
 round's) as one of that client's means of ``samples_per_pseudo`` (10) random samples. Checkpointed with
 the projection layer, fixed for the run. Defaults are the official ``FedBR.update``'s: mu 0.5, lam 1,
-gamma 1, tau1 = tau2 = 2 (they multiply the cosines).
+gamma 1, tau1 = tau2 = 2 (they multiply the cosines). The official local optimiser is plain SGD;
+fedtail's default keeps ``train.momentum`` 0.9 for every strategy (equal local work in the benchmark):
+set ``train.momentum: 0`` to run the official optimiser.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from tests.apps import interruptible
 from tests.conftest import smoke_config
 from tests.plugins import CASES, Case
 
-ROUNDS_PER_TASK = 3  # 2 tasks of the smoke config: 6 rounds, room for two interrupts (one per task)
+TOTAL_ROUNDS = 6  # room for two interrupts: the smoke config's 2 tasks x 3 rounds (one task: 6 rounds)
 ROUND_DELAY = 0.05  # seconds each round sleeps after its checkpoint, so the signals land mid-run
 UNCOMPARED = ("timing.json", "config.yaml")  # wall time; config.yaml names its runs_dir (compared below)
 
@@ -101,7 +101,9 @@ def test_every_plugin_resumes_after_sigterm_and_sigkill_byte_for_byte(
     seed = int(os.environ.get("FEDTAIL_TEST_SEED") or random.randrange(2**32))  # rerun a failure exactly
     rng = random.Random(seed)
     print(f"{case.id}: random interrupts from seed {seed}")
-    base = {"federation.rounds_per_task": ROUNDS_PER_TASK, "output.run_id": "r", **case.overrides}
+    tasks = smoke_config(project, **case.overrides).num_tasks
+    rounds = -(-TOTAL_ROUNDS // tasks)
+    base = {"federation.rounds_per_task": rounds, "output.run_id": "r", **case.overrides}
     reference_cfg = smoke_config(project, **base, **{"output.runs_dir": str(tmp_path / "reference")})
     total = reference_cfg.num_tasks * reference_cfg.task_rounds
     staged = pipeline.stage(reference_cfg, project)
