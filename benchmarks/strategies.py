@@ -29,6 +29,7 @@ sweep skips them), so an interrupted benchmark resumes and more seeds add to wha
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -274,7 +275,7 @@ def benchmark_continual(strategies: list[str], tmp: Path, args: argparse.Namespa
     variants, refused = {}, {}
     for s in strategies:
         for m, overrides in CONTINUAL_METHODS.items():
-            both = {**named[s], **overrides}
+            both = copy.deepcopy({**named[s], **overrides})  # no shared objects: YAML aliases are refused
             reason = refusal(spec, both)
             if reason is None:
                 variants[f"{s} + {m}"] = both
