@@ -207,11 +207,18 @@ def collapse_hint(cfg: FedtailConfig, train_loss: float) -> str:
     )
 
 
-def per_client_view(
-    evaluator: Evaluator, strategy: FedtailStrategy, arrays: ArrayRecord, result: dict, seen: list[int]
+def evaluate_served(
+    evaluator: Evaluator,
+    strategy: FedtailStrategy,
+    arrays: ArrayRecord,
+    seen: list[int],
+    tasks: list,
+    head: LogitsFn | None = None,
 ) -> dict:
-    """``result`` with the per-client columns scored with each client's own model, for a strategy
-    that trains several (`FedtailStrategy.client_models`); unchanged otherwise."""
+    """The evaluation of the global model ``arrays`` as the strategy serves it: its evaluated model
+    (`FedtailStrategy.evaluation_arrays`), and the per-client columns scored with each client's own
+    model when it trains several (`FedtailStrategy.client_models`)."""
+    result = evaluator.evaluate(strategy.evaluation_arrays(arrays), seen, tasks, head=head)
     view = strategy.client_models(arrays)
     return result if view is None else evaluator.per_client_view(result, *view, seen)
 
@@ -232,8 +239,7 @@ def evaluate_round(
         return None
     cfg, strategy, schedule = context.cfg, context.strategy, context.schedule
     r = first + server_round  # 1-based round within the task, counting every stage
-    res = context.evaluator.evaluate(strategy.evaluation_arrays(arrays), seen, schedule.tasks[: t + 1])
-    res = per_client_view(context.evaluator, strategy, arrays, res, seen)
+    res = evaluate_served(context.evaluator, strategy, arrays, seen, schedule.tasks[: t + 1])
     nan = float("nan")
     recall = {f"recall_{c}": res["per_class_recall"].get(c, nan) for c in range(cfg.num_classes)}
     precision = {f"precision_{c}": res["per_class_precision"].get(c, nan) for c in range(cfg.num_classes)}
@@ -417,18 +423,13 @@ def _run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | N
             arrays, head = method.head_from_statistics(
                 sums, head, exchange, arrays=arrays, old=old, new=list(schedule.tasks[t]), options=options
             )
-        scored = strategy.evaluation_arrays(arrays)
-        result = evaluator.evaluate(scored, seen, schedule.tasks[: t + 1], head=scored_by(head))
-        result = per_client_view(evaluator, strategy, arrays, result, seen)
+        result = evaluate_served(evaluator, strategy, arrays, seen, schedule.tasks[: t + 1], scored_by(head))
         recorder.end_task(t, result, arrays, head)
 
     last = schedule.num_tasks - 1
-    scored = strategy.evaluation_arrays(arrays)
-    final = evaluator.evaluate(
-        scored, schedule.seen_classes(last), schedule.tasks, head=scored_by(recorder.task_head)
-    )
-    final = per_client_view(evaluator, strategy, arrays, final, schedule.seen_classes(last))
-    return recorder.finish(to_state_dict(scored), final)
+    seen = schedule.seen_classes(last)
+    final = evaluate_served(evaluator, strategy, arrays, seen, schedule.tasks, scored_by(recorder.task_head))
+    return recorder.finish(to_state_dict(strategy.evaluation_arrays(arrays)), final)
 
 
 def write_run_header(job: P.Job, run_dir: Path) -> None:

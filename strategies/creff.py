@@ -37,6 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from pydantic import Field
 
+from clients.local import step_seed
 from clients.terms.creff import CLASSIFIER, GRADIENTS, CReFFTerm, classifier_gradients
 from fedtail.models import array_from_numpy, array_to_numpy
 from fedtail.registry import STRATEGIES, PluginOptions
@@ -136,7 +137,7 @@ def retrain_classifier(
 def linear_init(num_classes: int, dim: int, seed: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """A fresh ``nn.Linear(dim, num_classes)``'s initial weight and bias (uniform in +-1/sqrt(dim)),
     seeded."""
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    gen = torch.Generator().manual_seed(step_seed(*seed))
     layer = torch.nn.Linear(dim, num_classes)
     with torch.no_grad():
         bound = 1.0 / dim**0.5
@@ -221,8 +222,7 @@ class CReFFStrategy(FedtailStrategy, FedAvg):
         train_y = matched.repeat_interleave(m)
         gr = self.global_round(server_round)
         w0, b0 = linear_init(k, d, [self.cfg.seed, _CLASSIFIER_TAG, gr])
-        order_seed = np.random.SeedSequence([self.cfg.seed, _CLASSIFIER_TAG, gr, 1]).generate_state(1)[0]
-        gen = torch.Generator().manual_seed(int(order_seed))
+        gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, _CLASSIFIER_TAG, gr, 1))
         w, b = retrain_classifier(
             train_x,
             train_y,

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from pydantic import Field
 
+from clients.local import step_seed
 from clients.terms.fedbr import MEANS, PROJECTOR, PSEUDO, FedBRTerm, projector
 from fedtail.models import array_from_numpy, array_to_numpy
 from fedtail.registry import STRATEGIES, PluginOptions
@@ -77,7 +78,7 @@ class FedBRStrategy(FedtailStrategy, FedAvg):
     ) -> Iterable[Message]:
         if self.projection is None:
             dim = int(arrays["classifier.weight"].shape[1])
-            seed = int(np.random.SeedSequence([self.cfg.seed, _PROJECTOR_TAG]).generate_state(1)[0])
+            seed = step_seed(self.cfg.seed, _PROJECTOR_TAG)
             with torch.random.fork_rng(devices=[]):  # seeded, without moving the process's own stream
                 torch.manual_seed(seed)
                 layer = projector(dim)

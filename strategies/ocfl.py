@@ -43,9 +43,8 @@ from pydantic import Field
 
 from fedtail import protocol as P
 from fedtail.config import FedtailConfig
-from fedtail.models import array_to_numpy
 from fedtail.registry import CONTINUAL, STRATEGIES, PluginOptions
-from strategies.base import ClientReply, Decoded, FedtailStrategy, weighted_mean
+from strategies.base import ClientReply, Decoded, FedtailStrategy, decode, weighted_mean
 
 UNASSIGNED = -1
 log = logging.getLogger("fedtail.strategy")
@@ -159,15 +158,10 @@ class OneShotClusteredStrategy(FedtailStrategy, FedAvg):
     ) -> ArrayRecord | None:
         if arrays is None or self._reference is None:
             return arrays
-        global_sent = {k: array_to_numpy(a) for k, a in self._reference.items()}
         sent = [self._sent.get(r.partition_id, UNASSIGNED) for r in replies]
-
-        def reference(k: int) -> Decoded:
-            if k == UNASSIGNED:
-                return global_sent
-            return {key: array_to_numpy(a) for key, a in self.cluster_models[k].items()}
-
-        deltas = np.stack([flat_update(r.arrays, reference(k)) for r, k in zip(replies, sent, strict=True)])
+        models = {k: self._reference if k == UNASSIGNED else self.cluster_models[k] for k in set(sent)}
+        references = {k: decode(m) for k, m in models.items()}  # each model sent decoded once
+        deltas = np.stack([flat_update(r.arrays, references[k]) for r, k in zip(replies, sent, strict=True)])
         if not self.clustered:
             self._maybe_cluster(server_round, arrays, replies, deltas)
             return arrays

@@ -3,9 +3,6 @@ the re-training, and what the server evaluates versus what the clients train."""
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -17,7 +14,6 @@ from fedtail import protocol as P
 from fedtail.config import ConfigError, build_config
 from fedtail.engines.inprocess import set_server_identity
 from fedtail.models import array_from_numpy, build_model
-from fedtail.protocol import Job
 from strategies.base import ClientReply
 from strategies.creff import (
     CReFFStrategy,
@@ -26,6 +22,7 @@ from strategies.creff import (
     match_features,
     retrain_classifier,
 )
+from tests.term_context import term_context
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}  # float32 kernels differ between machines in the last bits
 
@@ -125,31 +122,8 @@ def test_retraining_is_plain_sgd_on_the_mean_cross_entropy() -> None:
 
 
 def _ctx(message: RecordDict, options: dict) -> tuple[LocalContext, torch.nn.Module]:
-    cfg = build_config(
-        {
-            "strategy": {"name": "creff", "options": options},
-            "train": {"epochs": 1, "batch_size": 8},
-            "federation": {"num_clients": 4},
-        }
-    )
-    model = build_model("mlp", (3,), 10, 8, 0)
-    frozen = copy.deepcopy(model)
-    ctx = LocalContext(
-        job=Job(cfg, Path("."), Path(".")),
-        partition_id=0,
-        task=0,
-        global_round=1,
-        task_classes=list(range(10)),
-        seen_classes=list(range(10)),
-        class_prior=np.full(10, 0.1),
-        class_counts=np.zeros(10),
-        model=model,
-        global_model_fn=lambda: frozen,
-        state=RecordDict(),
-        device=torch.device("cpu"),
-        message=message,
-    )
-    return ctx, frozen
+    ctx = term_context("creff", options, message, epochs=1, batch_size=8)
+    return ctx, ctx.global_model_fn()
 
 
 def test_the_client_sends_each_held_class_gradient_of_the_received_classifier_on_received_features() -> None:

@@ -4,7 +4,6 @@ local step of both components replayed by hand, the first round's means and the 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,9 +23,9 @@ from fedtail import protocol as P
 from fedtail.config import build_config
 from fedtail.engines.inprocess import set_server_identity
 from fedtail.models import array_from_numpy, build_model
-from fedtail.protocol import Job
 from strategies.base import ClientReply
 from strategies.fedbr import FedBRStrategy, pick_pseudo_data
+from tests.term_context import term_context
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}  # float32 kernels differ between machines in the last bits
 RNG = np.random.default_rng(0)
@@ -57,30 +56,16 @@ def test_pseudo_samples_are_means_of_random_samples() -> None:
 
 
 def _ctx(message: RecordDict, strategy: str = "fedbr") -> LocalContext:
-    cfg = build_config(
-        {
-            "strategy": {"name": strategy},
-            "train": {"epochs": 1, "batch_size": 64, "momentum": 0.0, "max_grad_norm": None, "lr": 0.1},
-            "federation": {"num_clients": 4},
-            "tasks": {"classes_per_task": None},
-        }
-    )
-    model = build_model("mlp", (3,), 10, 8, 0)
-    frozen = copy.deepcopy(model)
-    return LocalContext(
-        job=Job(cfg, Path("."), Path(".")),
-        partition_id=0,
-        task=0,
-        global_round=2,
-        task_classes=list(range(10)),
-        seen_classes=list(range(10)),
-        class_prior=np.full(10, 0.1),
-        class_counts=np.zeros(10),
-        model=model,
-        global_model_fn=lambda: frozen,
-        state=RecordDict(),
-        device=torch.device("cpu"),
+    return term_context(
+        strategy,
         message=message,
+        sections={"tasks": {"classes_per_task": None}},
+        global_round=2,
+        epochs=1,
+        batch_size=64,
+        momentum=0.0,
+        max_grad_norm=None,
+        lr=0.1,
     )
 
 

@@ -3,19 +3,14 @@ objective in the same forward pass and does what its paper's update does."""
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from clients.local import LocalContext, train_local
 from clients.terms.scaffold import CLIENT_VARIATE, DELTA, SERVER_VARIATE
 from fedtail import protocol as P
-from fedtail.config import build_config
-from fedtail.models import array_from_numpy, build_model
-from fedtail.protocol import Job
+from fedtail.models import array_from_numpy
+from tests.term_context import term_context
 
 RNG = np.random.default_rng(0)
 Y = np.repeat([0, 1, 2], [20, 8, 4]).astype(np.int64)
@@ -25,30 +20,8 @@ X = (RNG.normal(size=(32, 3)) + np.eye(3)[Y] * 2).astype(np.float32)
 def _ctx(
     strategy: str, options: dict | None = None, message: RecordDict | None = None, **train
 ) -> LocalContext:
-    cfg = build_config(
-        {
-            "strategy": {"name": strategy, "options": options or {}},
-            "train": {"epochs": 3, "batch_size": 8, "lr": 0.05, **train},
-            "federation": {"num_clients": 4},
-        }
-    )
-    model = build_model("mlp", (3,), 10, 8, 0)
-    frozen = copy.deepcopy(model)
-    return LocalContext(
-        job=Job(cfg, Path("."), Path(".")),
-        partition_id=0,
-        task=0,
-        global_round=1,
-        task_classes=list(range(10)),
-        seen_classes=list(range(10)),
-        class_prior=np.full(10, 0.1),
-        class_counts=np.bincount(Y, minlength=10),
-        model=model,
-        global_model_fn=lambda: frozen,
-        state=RecordDict(),
-        device=torch.device("cpu"),
-        message=message or RecordDict({P.CONFIG: ConfigRecord()}),
-    )
+    train = {"epochs": 3, "batch_size": 8, "lr": 0.05, **train}
+    return term_context(strategy, options, message, class_counts=np.bincount(Y, minlength=10), **train)
 
 
 def _params(ctx: LocalContext) -> dict[str, np.ndarray]:
