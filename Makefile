@@ -22,7 +22,7 @@ run: $(VENV)/.installed
 ## test: ruff, then the test suite (what .ci/run calls)
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 ## bench: in-process vs Ray engine and the main job's wall time, then the in-process engine vs a
 ## hand-written loop at 20..10,000 clients (tens of minutes), then a sweep vs 9 x `fedtail run` -> benchmarks/results/

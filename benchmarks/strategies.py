@@ -129,17 +129,19 @@ def table(
     rows: dict[str, dict[str, list[float]]],
     reference: dict[str, list[float]] | None,
     metrics: dict[str, str] = METRICS,
+    first: str = "strategy",
+    baseline: str = "FedAvg",
 ) -> list[str]:
-    """Markdown rows; bytes and time relative to ``reference`` (FedAvg's row), the best mean in bold
-    (the lowest for a metric marked ↓)."""
+    """Markdown rows; bytes and time relative to ``reference`` (the ``baseline`` row), the best mean in
+    bold (the lowest for a metric marked ↓)."""
 
     def score(label: str, m: str) -> float:
         mean = _mean(rows[label][m])
         return -math.inf if math.isnan(mean) else (-mean if metrics[m].endswith("↓") else mean)
 
     best = {m: max(rows, key=lambda r, m=m: score(r, m)) for m in metrics}
-    head = [*metrics.values(), "MB / round", "time / round vs FedAvg"]
-    lines = ["| strategy | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    head = [*metrics.values(), "MB / round", f"time / round vs {baseline}"]
+    lines = [f"| {first} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for label, s in rows.items():
         cells = [f"**{_cell(s[m])}**" if best[m] == label else _cell(s[m]) for m in metrics]
         cells.append(f"{_mean(s['bytes_per_round']) / 1e6:.2f}")
@@ -178,7 +180,7 @@ def write_summary(results: dict) -> Path:
             f"CE; seeds {part['seeds']}.",
             "",
         ]
-        lines += table(part["rows"], part["rows"].get(f"{BASELINE} + icarl"), CONTINUAL_METRICS)
+        lines += table(part["rows"], part["rows"].get(f"{BASELINE}-icarl"), CONTINUAL_METRICS)
         for label, reason in part["refused"].items():
             lines.append(f"- {label}: refused by the config: {reason}")
         lines.append("")
@@ -278,9 +280,9 @@ def benchmark_continual(strategies: list[str], tmp: Path, args: argparse.Namespa
             both = copy.deepcopy({**named[s], **overrides})  # no shared objects: YAML aliases are refused
             reason = refusal(spec, both)
             if reason is None:
-                variants[f"{s} + {m}"] = both
+                variants[f"{s}-{m}"] = both
             else:
-                refused[f"{s} + {m}"] = reason
+                refused[f"{s}-{m}"] = reason
     spec["variants"] = variants
     spec["metrics"] = list(CONTINUAL_METRICS)
     sweep_id = "strategies-continual"

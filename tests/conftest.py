@@ -10,6 +10,17 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+if "PYTEST_XDIST_WORKER" in os.environ and "PREFECT_HOME" not in os.environ:
+    # Each xdist worker's `fedtail run` children get their own Prefect home: two temporary servers on
+    # one SQLite file lock each other out. Set before anything imports Prefect.
+    import atexit
+    import shutil
+    import tempfile
+
+    _home = tempfile.mkdtemp(prefix=f"fedtail-prefect-{os.environ['PYTEST_XDIST_WORKER']}-")
+    atexit.register(shutil.rmtree, _home, ignore_errors=True)
+    os.environ["PREFECT_HOME"] = _home
+
 import fedtail  # noqa: F401  (applies the offline env defaults before Prefect/DVC/Flower import)
 from fedtail.config import FedtailConfig, load_config
 
