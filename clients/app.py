@@ -33,7 +33,7 @@ from clients.local import (
 from clients.state import persist_state
 from fedtail import protocol as P
 from fedtail.models import array_from_numpy, array_to_numpy, load_arrays, model_for, resolve_device, to_arrays
-from fedtail.registry import ATTACKS, CONTINUAL
+from fedtail.registry import ATTACKS, CONTINUAL, SEMISUP
 from fedtail.staging import load_staged, staged_meta
 from fedtail.tasks import TaskSchedule, sample_tasks, schedule_from_config
 
@@ -45,7 +45,8 @@ app = ClientApp(mods=[persist_state])  # context.state travels into checkpoints
 def _job_and_data(msg: Message, context: Context) -> tuple[P.Job, int, ClientData]:
     job = P.parse_job(str(msg.content[P.CONFIG][P.JOB]))
     pid = int(context.node_config[P.NODE_PARTITION_ID])
-    data = load_client_data(str(job.staged_dir), str(job.partition_dir), pid)
+    reveal = SEMISUP.get(job.config.semisup.method).reveals_labels
+    data = load_client_data(str(job.staged_dir), str(job.partition_dir), pid, reveal)
     return job, pid, data
 
 
@@ -159,6 +160,9 @@ def _local_context(msg: Message, context: Context, model: torch.nn.Module | None
         held_classes=held_classes(job_json, pid, task),
         data=data,
         sample_index=task_positions(job_json, data, task, task_classes),
+        unlabeled_index=task_positions(job_json, data.unlabeled(), task, task_classes)
+        if SEMISUP.get(cfg.semisup.method).views
+        else None,
         state=context.state,
         device=device,
         options=dict(cfg.train.options),

@@ -6,6 +6,7 @@ Plain functions over a `LocalContext`, testable without Flower; `clients.app` on
 from __future__ import annotations
 
 import functools
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -19,11 +20,12 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
 from clients.oversampling import is_flat, smote, smote_features
+from clients.semisup import PSEUDO_LABELS, PseudoLabelCounts, UnlabeledStep, View
 from clients.terms import LossTerm, Step
 from fedtail.models import array_from_numpy, array_to_numpy, on_device
 from fedtail.partition import load_client
 from fedtail.protocol import Job
-from fedtail.registry import CONTINUAL, OBJECTIVES, STRATEGIES
+from fedtail.registry import CONTINUAL, OBJECTIVES, SEMISUP, STRATEGIES
 from fedtail.staging import load_staged
 
 
@@ -57,6 +59,9 @@ class LocalContext:
     A client absent from a task never received that task's data, so its memory may not hold it."""
     sample_index: np.ndarray | None = None
     """Positions in `data` of the round's samples (``x`` of `train_local`): DER++'s buffer keeps them."""
+    unlabeled_index: np.ndarray | None = None
+    """Positions in ``data.x_unlabeled`` of the round's unlabeled samples (this task's); None when the
+    semi-supervised method draws no unlabeled stream."""
     previous_model_fn: Callable[[], nn.Module] | None = None
     """Builds the global model as it was at the end of the previous task; the server sends it only to
     continual methods that declare `ContinualMethod.uses_previous_model`, and only after task 0."""
@@ -109,10 +114,23 @@ class ClientData:
     x_unlabeled: np.ndarray
     index: np.ndarray | None = None
     """Positions of the labeled samples in the staged training set (per-sample draws: blurry tasks)."""
+    y_hidden: np.ndarray | None = None
+    """The unlabeled samples' true labels: never a training target (but for the all-labels upper bound);
+    they pick a task's unlabeled samples, as a data stream would deliver them, and score pseudo-labels."""
+    index_unlabeled: np.ndarray | None = None
+    """Positions of the unlabeled samples in the staged training set."""
 
     @property
     def nbytes(self) -> int:
-        return self.x.nbytes + self.y.nbytes + self.x_unlabeled.nbytes
+        extra = sum(a.nbytes for a in (self.y_hidden, self.index_unlabeled) if a is not None)
+        return self.x.nbytes + self.y.nbytes + self.x_unlabeled.nbytes + extra
+
+    def unlabeled(self) -> ClientData:
+        """The unlabeled part seen as labeled by its hidden labels (to select a task's samples alike)."""
+        y = self.y_hidden if self.y_hidden is not None else np.zeros(0, dtype=np.int64)
+        return ClientData(
+            x=self.x_unlabeled, y=y, x_unlabeled=self.x_unlabeled[:0], index=self.index_unlabeled
+        )
 
     @property
     def sample_bytes(self) -> int:
@@ -165,9 +183,11 @@ class _ClientCache:
 _CLIENTS = _ClientCache(CLIENT_CACHE_BYTES)
 
 
-def load_client_data(staged_dir: str, partition_dir: str, partition_id: int) -> ClientData:
+def load_client_data(
+    staged_dir: str, partition_dir: str, partition_id: int, reveal: bool = False
+) -> ClientData:
     """Read (and cache per process, up to `CLIENT_CACHE_BYTES`) one client's samples from the staged
-    arrays and its partition.
+    arrays and its partition; ``reveal``: every sample labeled (the all-labels upper bound).
 
     A miss costs O(the client's samples): the staged arrays stay memory-mapped and the partition indexed
     per process (`load_staged`, `fedtail.partition.partition_index`)."""
@@ -175,11 +195,20 @@ def load_client_data(staged_dir: str, partition_dir: str, partition_id: int) -> 
     def load() -> ClientData:
         splits = load_staged(Path(staged_dir))
         idx, labeled = load_client(Path(partition_dir), partition_id)
+        if reveal:
+            labeled = np.ones_like(labeled)
         x = np.asarray(splits.x_train[idx], dtype=np.float32)
         y = np.asarray(splits.y_train[idx], dtype=np.int64)
-        return ClientData(x=x[labeled], y=y[labeled], x_unlabeled=x[~labeled], index=idx[labeled])
+        return ClientData(
+            x=x[labeled],
+            y=y[labeled],
+            x_unlabeled=x[~labeled],
+            index=idx[labeled],
+            y_hidden=y[~labeled],
+            index_unlabeled=idx[~labeled],
+        )
 
-    return _CLIENTS.get((staged_dir, partition_dir, partition_id), load)
+    return _CLIENTS.get((staged_dir, partition_dir, partition_id, reveal), load)
 
 
 def step_seed(seed: int, *keys: int) -> int:
@@ -269,30 +298,88 @@ def strategy_terms(ctx: LocalContext) -> list[LossTerm]:
     return [] if term is None else [term(ctx, strategy.Options.model_validate(cfg.strategy.options))]
 
 
+UNLABELED_STREAM, AUGMENT_STREAM = 0x55, 0xA6  # keys of the unlabeled order's and the views' seeds
+
+
+@functools.lru_cache(maxsize=16)
+def _augmentation(dataset: str, name: str, options_json: str) -> Any:
+    """One instance per (dataset, augmentation, options) and process: built once, not every round."""
+    from fedtail.registry import AUGMENTATIONS, DATASETS
+
+    return AUGMENTATIONS.get(name)(DATASETS.get(dataset), json.loads(options_json))
+
+
+class UnlabeledStream:
+    """The round's unlabeled batches: consecutive seeded permutations of the client's unlabeled samples
+    (every sample once per pass), ``size`` at a time, and their augmented views, from their own seeds so
+    that the labeled stream is the same with or without them."""
+
+    def __init__(self, ctx: LocalContext, seed: int, views: tuple[str, ...]) -> None:
+        cfg = ctx.job.config
+        ss = cfg.semisup
+        index = np.asarray(ctx.unlabeled_index, dtype=np.int64)
+        data = ctx.data
+        self.index = torch.from_numpy(index)
+        self.x = torch.from_numpy(data.x_unlabeled[index]).to(ctx.device)
+        hidden = data.y_hidden[index] if data.y_hidden is not None else np.zeros(len(index), dtype=np.int64)
+        self.hidden = torch.from_numpy(np.asarray(hidden, dtype=np.int64)).to(ctx.device)
+        self.n = len(index)
+        self.size = min(ss.mu * cfg.train.batch_size, self.n)
+        self._order_gen = torch.Generator().manual_seed(step_seed(seed, UNLABELED_STREAM))
+        self._aug_gen = torch.Generator().manual_seed(step_seed(seed, AUGMENT_STREAM))
+        self._pending = torch.zeros(0, dtype=torch.int64)
+        self.augment = {
+            v: _augmentation(
+                cfg.dataset.name, getattr(ss, v), json.dumps(getattr(ss, f"{v}_options"), sort_keys=True)
+            )
+            for v in views
+        }
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Steps of an epoch on a client without labels: one pass over the unlabeled samples."""
+        return -(-self.n // self.size) if self.size else 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The next batch: positions in the round's unlabeled samples, their inputs, their views."""
+        while len(self._pending) < self.size:
+            self._pending = torch.cat([self._pending, torch.randperm(self.n, generator=self._order_gen)])
+        pos, self._pending = self._pending[: self.size], self._pending[self.size :]
+        xb = self.x[pos.to(self.x.device)]
+        return pos, xb, {v: aug(xb, self._aug_gen) for v, aug in self.augment.items()}
+
+
 def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
-    """Run ``train.epochs`` epochs of minibatch training; return (mean loss, real examples).
+    """Run ``train.epochs`` epochs of minibatch training; return (mean loss, FedAvg weight).
 
     With ``train.oversample: smote`` the round's samples are topped up with SMOTE's: synthetic inputs
     for flat data; for other data synthetic features, which the classifier alone sees (they join each
     batch's logits; the objective's ``x`` and the continual method's terms see the real samples only).
     The objective's local counts are those of the real samples.
 
-    Each step is one forward pass whose features and logits every loss term shares: the strategy's
-    client part adjusts the logits the objective scores and adds its term, beside the objective's loss
-    and the continual method's `extra_loss` (`clients.terms`)."""
+    Each step is one forward pass whose features and logits every loss term shares: the labeled batch
+    and, for a semi-supervised method, the views of an unlabeled batch (`UnlabeledStream`). The
+    strategy's client part adjusts the logits the objective scores and adds its term, beside the
+    objective's loss, the continual method's `extra_loss` and the semi-supervised method's unlabeled
+    loss (`clients.terms`, `clients.semisup`). The FedAvg weight is the real labeled samples, plus the
+    unlabeled ones the method trained on when ``semisup.count_unlabeled``."""
     cfg = ctx.job.config
     method = CONTINUAL.get(cfg.continual.method)(ctx)
     xt, yt = method.training_data(torch.from_numpy(x), torch.from_numpy(y))
     n_real = int(yt.shape[0])  # the update's FedAvg weight: synthetic samples add no data
-    if n_real == 0:
+    seed = step_seed(cfg.seed, ctx.task, ctx.global_round, ctx.partition_id)
+    semi_cls = SEMISUP.get(cfg.semisup.method)
+    stream = None
+    if semi_cls.views and ctx.unlabeled_index is not None and len(ctx.unlabeled_index):
+        stream = UnlabeledStream(ctx, seed, semi_cls.views)
+    if n_real == 0 and stream is None:
         return 0.0, 0
+    semi = semi_cls(ctx, semi_cls.Options.model_validate(cfg.semisup.options))
     ctx.train_counts = np.bincount(yt.numpy(), minlength=cfg.num_classes).astype(np.int64)
     objective = OBJECTIVES.get(cfg.train.objective)(ctx)
     model = ctx.model if on_device(ctx.model, ctx.device) else ctx.model.to(ctx.device)
-    seed = step_seed(cfg.seed, ctx.task, ctx.global_round, ctx.partition_id)
     feats = fy = None
     x_real, y_real = xt, yt
-    if cfg.train.oversample == "smote":
+    if cfg.train.oversample == "smote" and n_real:
         if is_flat(xt):
             xs, ys = smote(xt.numpy(), yt.numpy(), cfg.train.smote_k, seed)
             xt, yt = torch.from_numpy(xs), torch.from_numpy(ys)
@@ -313,6 +400,11 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
         term.begin(model, lr, x_real, y_real)
     generator = torch.Generator().manual_seed(seed)
     bs = cfg.train.batch_size
+    per_epoch = -(-len(labels) // bs) if len(labels) else stream.steps_per_epoch(bs)
+    counts = None
+    if stream is not None:
+        semi.begin(np.asarray(ctx.unlabeled_index))
+        counts = PseudoLabelCounts(cfg.num_classes, ctx.device)
     total, steps = 0.0, 0
     shown = method.objective_classes()  # plus any class in the data (blurry tasks bring the next one's)
     shown = None if shown is None else sorted(set(shown) | set(np.unique(labels.numpy()).tolist()))
@@ -321,36 +413,62 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
     clip, params = cfg.train.max_grad_norm, [p for p in model.parameters() if p.requires_grad]
     model.train()
     for _ in range(cfg.train.epochs):
-        order = epoch_order(labels, cfg.train.sampler, generator).to(ctx.device)
-        for start in range(0, len(order), bs):
-            batch = order[start : start + bs]
+        order = epoch_order(labels, cfg.train.sampler, generator).to(ctx.device) if len(labels) else None
+        for k in range(per_epoch):
+            batch = order[k * bs : (k + 1) * bs] if order is not None else labels[:0].to(ctx.device)
+            views = {}
             if feats is None:
                 xb, yb = xt[batch], yt[batch]
-                f = model.features(xb)
-                logits = model.classifier(f)
             else:  # real samples through the model, synthetic features through the classifier
                 real, syn = batch[batch < n], batch[batch >= n] - n
                 xb = xt[real]
-                f = model.features(xb)
-                logits = torch.cat([model.classifier(f), model.classifier(feats[syn])])
                 yb = torch.cat([yt[real], fy[syn]])
                 batch = real
-            scored = logits
-            for term in terms:
-                scored = term.adjust_logits(scored)
-            seen_by_objective = scored if hidden is None else scored.masked_fill(hidden, HIDDEN_LOGIT)
-            loss = objective.loss(seen_by_objective, yb, xb)
-            if weight != 1.0:
-                loss = weight * loss
-            extra = method.extra_loss(logits[: len(xb)], yb[: len(xb)], xb)
-            if extra is not None:
-                loss = loss + extra
-            if terms:
-                step = Step(xb, yb, f, logits)
+            if stream is None:
+                f = model.features(xb)
+                logits = model.classifier(f)
+            else:
+                pos, _, views = stream.next()
+                f_all = model.features(torch.cat([xb, *views.values()]))
+                logits_all = model.classifier(f_all)
+                f, logits = f_all[: len(xb)], logits_all[: len(xb)]
+                views = {
+                    name: View(vx, fv, lv)
+                    for name, vx, fv, lv in zip(
+                        views,
+                        views.values(),
+                        f_all[len(xb) :].chunk(len(views)),
+                        logits_all[len(xb) :].chunk(len(views)),
+                        strict=True,
+                    )
+                }
+            if feats is not None:
+                logits = torch.cat([logits, model.classifier(feats[syn])])
+            step = Step(xb, yb, f, logits)
+            if len(yb):
+                scored = logits
+                for term in terms:
+                    scored = term.adjust_logits(scored)
+                seen_by_objective = scored if hidden is None else scored.masked_fill(hidden, HIDDEN_LOGIT)
+                loss = objective.loss(seen_by_objective, yb, xb)
+                if weight != 1.0:
+                    loss = weight * loss
+                extra = method.extra_loss(logits[: len(xb)], yb[: len(xb)], xb)
+                if extra is not None:
+                    loss = loss + extra
                 for term in terms:
                     added = term.loss(step)
                     if added is not None:
                         loss = loss + added
+            else:  # a client without labels: the unlabeled term alone
+                loss = logits.sum() * 0.0
+            if stream is not None:
+                unlabeled = semi.loss(
+                    UnlabeledStep(step, stream.index[pos], views, steps, per_epoch * cfg.train.epochs)
+                )
+                if unlabeled is not None:
+                    loss = loss + unlabeled.loss
+                    counts.add(stream.hidden[pos.to(stream.hidden.device)], unlabeled.labels, unlabeled.mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for term in terms:
@@ -358,16 +476,23 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
-            method.after_step(logits[: len(xb)].detach(), yb[: len(xb)], batch)
+            if len(xb):
+                method.after_step(logits[: len(xb)].detach(), yb[: len(xb)], batch)
             total += float(loss.detach())
             steps += 1
     objective.end()
     method.end_round()
     for term in terms:
         term.end(model, steps)
+    if stream is not None:
+        semi.end(steps)
+        ctx.reply[PSEUDO_LABELS] = ArrayRecord(
+            {k: array_from_numpy(v) for k, v in counts.as_arrays().items()}
+        )
     if cfg.train.keep_optimizer_state:
         save_optimizer_state(optimizer, ctx)
-    return total / max(steps, 1), n_real
+    weight_n = n_real + (stream.n if stream is not None and cfg.semisup.count_unlabeled else 0)
+    return total / max(steps, 1), weight_n
 
 
 def retrain_classifier(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:

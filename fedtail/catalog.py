@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from fedtail.registry import (
     ADJUSTMENTS,
     ATTACKS,
+    AUGMENTATIONS,
     CONTINUAL,
     DATASETS,
     ENGINES,
     MODELS,
     OBJECTIVES,
     PARTITIONERS,
+    SEMISUP,
     STRATEGIES,
     Registry,
     describe_options,
@@ -31,6 +33,8 @@ KINDS: dict[str, tuple[Registry, str]] = {
     "continual": (CONTINUAL, "continual.method (options: continual.options)"),
     "adjustments": (ADJUSTMENTS, "evaluation.adjustment (options: evaluation.options)"),
     "attacks": (ATTACKS, "attack.name (options: attack.options)"),
+    "semisup": (SEMISUP, "semisup.method (options: semisup.options)"),
+    "augmentations": (AUGMENTATIONS, "semisup.weak / semisup.strong (options: semisup.*_options)"),
     "engines": (ENGINES, "engine.name"),
 }
 """``fedtail list KIND``: the registry and the config field that picks from it."""

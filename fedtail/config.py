@@ -35,12 +35,14 @@ from pydantic import (
 from fedtail.registry import (
     ADJUSTMENTS,
     ATTACKS,
+    AUGMENTATIONS,
     CONTINUAL,
     DATASETS,
     ENGINES,
     MODELS,
     OBJECTIVES,
     PARTITIONERS,
+    SEMISUP,
     STRATEGIES,
     Registry,
     check_options,
@@ -84,6 +86,14 @@ ContinualName = _plugin_name(CONTINUAL)
 EngineName = _plugin_name(ENGINES)
 AdjustmentName = _plugin_name(ADJUSTMENTS)
 AttackName = _plugin_name(ATTACKS)
+SemisupName = _plugin_name(SEMISUP)
+
+
+def _augmentation(value: str) -> str:
+    return value.lower() if value.lower() == "auto" else _known(AUGMENTATIONS, value)
+
+
+AugmentationName = Annotated[str, AfterValidator(_augmentation)]
 
 
 def _checked_options(
@@ -251,6 +261,24 @@ class PartitionConfig(_Section):
         le=1e6,
         description="Imbalance factor of the labeled part alone (semi-supervised long tail: labeled head "
         "round(labeled_fraction x kept head), then the same profile; null = each client's class mix).",
+    )
+
+    unlabeled_distribution: Literal["rest", "consistent", "uniform", "reversed"] = Field(
+        "rest",
+        description="Class distribution of the unlabeled part (SimPro's protocol): rest, every sample "
+        "without a label; consistent, the labeled part's long tail; uniform; reversed, class 0 the tail. "
+        "Unlabeled samples beyond it are dropped.",
+    )
+    unlabeled_imbalance_factor: float | None = Field(
+        None,
+        ge=1.0,
+        le=1e6,
+        description="Imbalance factor of a consistent or reversed unlabeled part (null: the labeled "
+        "part's, else imbalance_factor).",
+    )
+    novel_classes: list[int] | None = Field(
+        None,
+        description="Open world: classes that keep no label on any client (all their samples unlabeled).",
     )
 
     @model_validator(mode="after")
@@ -495,6 +523,44 @@ class EvaluationConfig(_Section):
         return self
 
 
+class SemisupConfig(_Section):
+    """Semi-supervised local updates: how each client's unlabeled part (``partition.labeled_fraction``
+    < 1) enters training. Off (``none``, supervised-only) by default."""
+
+    method: SemisupName = Field(
+        "none",
+        description="Registered semi-supervised method (fixmatch, flexmatch, ...); none: the labeled part "
+        "only (supervised-only); all_labels: the unlabeled part with its true labels (the upper bound).",
+    )
+    options: _plugin_options(SEMISUP, "method") = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="Method options, as its `Options` declares."
+    )
+    mu: int = Field(
+        7,
+        ge=1,
+        le=1000,
+        description="Unlabeled samples per labeled one in each local batch (FixMatch's mu): the unlabeled "
+        "batch is mu x train.batch_size.",
+    )
+    weak: AugmentationName = Field(
+        "auto", description="Registered weak augmentation; auto: the dataset's (`fedtail list datasets`)."
+    )
+    weak_options: dict[str, Any] = Field(
+        default_factory=dict, description="Weak augmentation options, as its `Options` declares."
+    )
+    strong: AugmentationName = Field(
+        "auto", description="Registered strong augmentation; auto: the dataset's."
+    )
+    strong_options: dict[str, Any] = Field(
+        default_factory=dict, description="Strong augmentation options, as its `Options` declares."
+    )
+    count_unlabeled: bool = Field(
+        True,
+        description="FedAvg weights count each client's unlabeled samples beside its labeled ones when the "
+        "method trains on them (a client with no labels still contributes); false: labeled samples only.",
+    )
+
+
 class FedtailConfig(_Section):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
@@ -505,6 +571,7 @@ class FedtailConfig(_Section):
     attack: AttackConfig = Field(default_factory=AttackConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
+    semisup: SemisupConfig = Field(default_factory=SemisupConfig)
     crt: CrtConfig = Field(default_factory=CrtConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -554,9 +621,25 @@ class FedtailConfig(_Section):
                 f"federation.num_clients={self.federation.num_clients} makes no client an attacker: raise "
                 "attack.fraction, or set attack.name=none"
             )
+        pc = self.partition
+        novel = pc.novel_classes or []
+        distinct = len(set(novel)) == len(novel) and all(0 <= c < self.num_classes for c in novel)
+        if not distinct or len(novel) >= self.num_classes:
+            raise ValueError(
+                f"partition.novel_classes={novel}; allowed: distinct class ids in 0..{self.num_classes - 1}, "
+                "fewer than all classes"
+            )
+        whole = pc.labeled_fraction >= 1.0 and pc.labeled_imbalance_factor is None and not novel
+        if pc.unlabeled_distribution != "rest" and whole:
+            raise ValueError(
+                f"partition.unlabeled_distribution={pc.unlabeled_distribution!r} shapes the unlabeled part, "
+                "but partition.labeled_fraction=1.0 leaves none: set partition.labeled_fraction below 1"
+            )
+        self._check_semisup(spec)
         for registry, name in (
             (OBJECTIVES, self.train.objective),
             (CONTINUAL, self.continual.method),
+            (SEMISUP, self.semisup.method),
             (STRATEGIES, self.strategy.name),
             (ADJUSTMENTS, self.evaluation.adjustment),
         ):
@@ -565,6 +648,35 @@ class FedtailConfig(_Section):
             if problem:
                 raise ValueError(problem)
         return self
+
+    def _check_semisup(self, spec: Any) -> None:
+        """The semi-supervised method's augmentations: ``auto`` resolved to the dataset's pair, each
+        checked against the dataset's modality and its options filled (the config's one form)."""
+        ss = self.semisup
+        method = SEMISUP.get(ss.method)
+        pc = self.partition
+        whole = pc.labeled_fraction >= 1.0 and pc.labeled_imbalance_factor is None and not pc.novel_classes
+        if method.uses_unlabeled and whole:
+            raise ValueError(
+                f"semisup.method={ss.method!r} trains on each client's unlabeled part, but "
+                "partition.labeled_fraction=1.0 leaves none: set partition.labeled_fraction below 1 "
+                "(e.g. 0.1), or semisup.method=none"
+            )
+        for i, view in enumerate(("weak", "strong")):
+            name = getattr(ss, view)
+            if view not in method.views:
+                continue
+            resolved = spec.augmentations[i] if name == "auto" else name
+            problem = AUGMENTATIONS.get(resolved).check(spec)
+            if problem:
+                raise ValueError(f"semisup.{view}={name!r}: {problem}")
+            try:
+                options = check_options(AUGMENTATIONS, resolved, getattr(ss, f"{view}_options"))
+            except ValueError as err:
+                raise ValueError(f"semisup.{view}_options: {err}") from None
+            if name == "auto":
+                object.__setattr__(ss, view, resolved)
+            object.__setattr__(ss, f"{view}_options", options)
 
     # ---- derived views -------------------------------------------------------------------------
     @property
@@ -660,16 +772,29 @@ ADDED_FIELDS: dict[str, Any] = {
 existed. Adding a field to the config changes every fingerprint; listing it here keeps the runs of older
 versions resumable (`FedtailConfig.legacy_experiment_fingerprints`)."""
 
-OFF_SECTIONS: dict[str, tuple[str, Any]] = {"attack": ("name", "none")}
+OFF_SECTIONS: dict[str, tuple[str, Any]] = {"attack": ("name", "none"), "semisup": ("method", "none")}
 """Sections added since c40e41b whose off state (the field's value given) behaves as fedtail did before
 them: a config with the section off hashes without it, so every fingerprint of such configs (cache keys,
 run ids, checkpoints) is what it was."""
+
+
+OFF_FIELDS: dict[str, Any] = {
+    "partition.unlabeled_distribution": "rest",
+    "partition.unlabeled_imbalance_factor": None,
+    "partition.novel_classes": None,
+}
+"""Fields added to an existing section whose off value behaves as fedtail did before them: at that
+value they are left out of every hash (cache keys, run ids, checkpoints), which so stay what they were."""
 
 
 def _without_off_sections(data: dict[str, Any]) -> dict[str, Any]:
     for section, (name, off) in OFF_SECTIONS.items():
         if section in data and data[section].get(name) == off:
             data = {k: v for k, v in data.items() if k != section}
+    for key, off in OFF_FIELDS.items():
+        section, name = key.rsplit(".", 1)
+        if section in data and name in data[section] and data[section][name] == off:
+            data = {**data, section: {k: v for k, v in data[section].items() if k != name}}
     return data
 
 
@@ -681,6 +806,7 @@ _OPTIONS_OF: dict[str, tuple[Registry, str]] = {
     "continual": (CONTINUAL, "method"),
     "evaluation": (ADJUSTMENTS, "adjustment"),
     "attack": (ATTACKS, "name"),
+    "semisup": (SEMISUP, "method"),
 }
 """Each section with plug-in options: the registry and the field naming the plug-in."""
 

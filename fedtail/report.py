@@ -28,6 +28,7 @@ PLOT_FILES = {
     "partition": "partition.png",
     "confusion_matrix": "confusion_matrix.png",
     "old_new": "old_new_accuracy.png",
+    "pseudo_labels": "pseudo_labels.png",
 }
 TASK_COLUMNS = (
     ("task", "task"),
@@ -377,6 +378,7 @@ def plot_round_curves(
     path: Path,
     series: list[tuple[str, str, str]],
     title: str,
+    ylabel: str = "score on seen classes",
 ) -> Path:
     """``(column, label, marker)`` curves per global round; dashed lines mark where a new task starts."""
     from matplotlib.ticker import MaxNLocator
@@ -389,7 +391,7 @@ def plot_round_curves(
     ax.set_xlim(x.min() - 0.5, x.max() + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("global round")
-    ax.set_ylabel("score on seen classes")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0.0, 1.15)
     ax.grid(alpha=0.3)
     spans = rounds.groupby("task")["global_round"].agg(["min", "max"])
@@ -558,6 +560,17 @@ def write_plots(run_dir: Path) -> dict[str, Path]:
         written["old_new"] = plot_round_curves(
             rounds, read_schedule(run_dir), out / PLOT_FILES["old_new"], series, title
         )
+    if "pl_precision" in rounds.columns:
+        series = [
+            ("pl_precision", "pseudo-label precision", "o"),
+            ("pl_used", "share of unlabeled samples used", "s"),
+        ]
+        if "tail_pl_precision" in rounds.columns:
+            series.append(("tail_pl_precision", "tail classes' pseudo-label precision", "^"))
+        title = "Pseudo-labels per round (counts summed over the round's clients)"
+        written["pseudo_labels"] = plot_round_curves(
+            rounds, read_schedule(run_dir), out / PLOT_FILES["pseudo_labels"], series, title, "share"
+        )
     confusions = read_confusions(run_dir)
     if confusions:
         written["confusion_matrix"] = plot_confusion(confusions, out / PLOT_FILES["confusion_matrix"])
@@ -574,6 +587,7 @@ PLOT_CAPTIONS = {
     "partition": "Client x class partition",
     "confusion_matrix": "Confusion matrix of the final model",
     "old_new": "Old-class vs new-class accuracy per round",
+    "pseudo_labels": "Pseudo-label precision and use per round",
 }
 
 

@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 
 from clients.local import step_seed
+from clients.semisup import PSEUDO_LABELS, pseudo_label_columns
 from clients.state import from_bytes, restore_content
 from fedtail import io, runs
 from fedtail import protocol as P
@@ -40,7 +41,7 @@ from fedtail.models import (
 )
 from fedtail.partition import labeled_class_counts, load_schedule
 from fedtail.progress import ROUND_RECORD
-from fedtail.registry import ADJUSTMENTS, CONTINUAL, STRATEGIES
+from fedtail.registry import ADJUSTMENTS, CONTINUAL, SEMISUP, STRATEGIES
 from fedtail.staging import load_staged, staged_meta
 from fedtail.tasks import TaskSchedule
 from server.evaluation import ADJUSTED_KEYS, Evaluator, LogitsFn
@@ -73,7 +74,8 @@ def discover_clients(grid: Grid, job: P.Job, timeout: float) -> tuple[dict[int, 
             "run exactly one node per client (flwr: options.num-supernodes)"
         )
     y_train = load_staged(job.staged_dir).y_train
-    return node_of, labeled_class_counts(job.partition_dir, y_train, job.config.num_classes)
+    reveal = SEMISUP.get(job.config.semisup.method).reveals_labels  # all-labels: every sample is labeled
+    return node_of, labeled_class_counts(job.partition_dir, y_train, job.config.num_classes, reveal)
 
 
 def _query_partition_ids(grid: Grid, job: P.Job, timeout: float) -> dict[int, int]:
@@ -259,6 +261,9 @@ def evaluate_round(
         **recall,
         **precision,
     }
+    if SEMISUP.get(cfg.semisup.method).views:  # the round's pseudo-labels, counted over its clients
+        tail = context.evaluator.groups.get("tail")
+        row.update(pseudo_label_columns(strategy.last_sums.get(PSEUDO_LABELS), cfg.num_classes, tail))
     context.recorder.record_round(row, arrays, strategy.state_dict())
     log.info(
         "task %d/%d round %d/%d%s  balanced_acc=%.4f  acc=%.4f  macro_f1=%.4f  loss=%.4f",
@@ -331,7 +336,11 @@ def _run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | N
     node_of, counts = discover_clients(grid, job, cfg.engine.timeout)
     global_counts = counts.sum(axis=0)  # per class, over every client: the prior, groups, adjustments
     prior = global_counts / max(int(global_counts.sum()), 1)
-    groups = class_groups(global_counts, cfg.evaluation.many_shot, cfg.evaluation.few_shot)
+    by_labels = global_counts
+    if SEMISUP.get(cfg.semisup.method).reveals_labels:  # head / tail stay those of the labeled part
+        y_train = load_staged(job.staged_dir).y_train
+        by_labels = labeled_class_counts(job.partition_dir, y_train, cfg.num_classes).sum(axis=0)
+    groups = class_groups(by_labels, cfg.evaluation.many_shot, cfg.evaluation.few_shot)
     adjustment = None
     if cfg.evaluation.adjustment != "none":
         adjustment = ADJUSTMENTS.get(cfg.evaluation.adjustment)(cfg.evaluation.options, global_counts)

@@ -156,6 +156,25 @@ def weighted_metrics(records: list[RecordDict], weighting_key: str) -> MetricRec
     return MetricRecord(out)
 
 
+SUMMED_PREFIX = "sums:"
+"""Reply records named ``sums:<what>`` hold counts the server sums over the round's clients (never
+averages): pseudo-label counts per class (`clients.semisup.PSEUDO_LABELS`)."""
+
+
+def summed_records(uplinks: Iterable[dict[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
+    """The ``sums:`` ArrayRecords of the round's replies, array by array summed over the clients."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for records in uplinks:
+        for key, record in records.items():
+            if not key.startswith(SUMMED_PREFIX) or not isinstance(record, ArrayRecord):
+                continue
+            into = out.setdefault(key, {})
+            for name, array in record.items():
+                value = array_to_numpy(array)
+                into[name] = value.copy() if name not in into else into[name] + value
+    return out
+
+
 def in_dtypes_of(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     """``arrays`` with each array in ``reference``'s dtype. Flower's FedAdam scales its step by a NumPy
     float64 scalar, which under NumPy 2's promotion rules turns the float32 model into float64: twice the
@@ -299,6 +318,8 @@ class FedtailStrategy:
         """Arrays whose names start with one of these are kept as sent (a stage that freezes them, cRT's
         features): float averaging of identical copies could move them by an ulp."""
         self._bytes_down = 0
+        self.last_sums: dict[str, dict[str, np.ndarray]] = {}
+        """The round's ``sums:`` reply records summed over its aggregated clients (`summed_records`)."""
         self._aggregated: list[int] | None = None
         self._metrics_fn = self.train_metrics_aggr_fn
 
@@ -446,6 +467,7 @@ class FedtailStrategy:
             len(self.last_sampled), len(usable), n_failed, len(rejected), self._bytes_down, up
         )
         self.last_counts = counts
+        self.last_sums = summed_records(uplink[pid] for pid, _, _ in usable)
         gr = self.global_round(server_round)
         for problem in failed:
             log.warning("round %d: failed client: %s", gr, problem)

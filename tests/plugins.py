@@ -3,7 +3,8 @@
 Tests that make a promise for "every plug-in as shipped" (one canonical config, resume) iterate over
 `plugin_cases`, read from the registries: a new plug-in is covered without editing a test. A plug-in is
 tried in the smoke config first, then in the few settings some plug-ins require (LDAM's cosine head, a
-binary problem for the threshold adjustment); one that fits none fails `test_every_plugin_has_a_case`,
+binary problem for the threshold adjustment, an unlabeled part for
+the semi-supervised methods); one that fits none fails `test_every_plugin_has_a_case`,
 which says what to add here.
 """
 
@@ -22,6 +23,7 @@ SETTINGS: tuple[dict[str, Any], ...] = (
     {},
     {"model.classifier": "cosine"},
     {"dataset.classes": [3, 8], "tasks.classes_per_task": None},
+    {"partition.labeled_fraction": 0.5},
 )
 """What a plug-in may need besides the smoke config, tried in this order."""
 

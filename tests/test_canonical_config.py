@@ -81,7 +81,9 @@ def _old_fingerprint(cfg) -> str:
     data["continual"]["options"] = {}
     del data["train"]["keep_optimizer_state"], data["model"]["depth"]  # added since
     del data["train"]["max_grad_norm"]
-    del data["attack"]  # a section added since, off by default
+    del data["attack"], data["semisup"]  # sections added since, off by default
+    for name in ("unlabeled_distribution", "unlabeled_imbalance_factor", "novel_classes"):
+        del data["partition"][name]  # fields added since, hashed only when on
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -127,7 +129,7 @@ def test_legacy_fingerprints_only_relax_options_at_their_defaults() -> None:
 def test_every_added_field_is_listed_with_the_value_that_behaves_as_before() -> None:
     """A field added to an experiment section must be in ADDED_FIELDS, or every older run stops resuming:
     the sections' fields as of c40e41b are written out here."""
-    from fedtail.config import ADDED_FIELDS, OFF_SECTIONS, FedtailConfig
+    from fedtail.config import ADDED_FIELDS, OFF_FIELDS, OFF_SECTIONS, FedtailConfig
 
     data = FedtailConfig().model_dump(mode="json")
     current = {  # a section added whole is off by default, and hashed only when on (OFF_SECTIONS)
@@ -138,12 +140,25 @@ def test_every_added_field_is_listed_with_the_value_that_behaves_as_before() -> 
         - {f"{s}.{k}" for s, names in FIELDS_AT_C40E41B.items() for k in names}
         - {f for f in current if f.startswith(("output.", "engine.", "serve."))}
     )
-    assert added == set(ADDED_FIELDS)
+    assert added == set(ADDED_FIELDS) | set(OFF_FIELDS)  # an off field is hashed only when on
+    for key, off in OFF_FIELDS.items():
+        section, name = key.split(".")
+        assert FedtailConfig.model_fields[section].default_factory().__dict__[name] == off
+    plain = FedtailConfig()
+    on = build_config({"partition": {"unlabeled_distribution": "uniform", "labeled_fraction": 0.5}})
+    assert plain.fingerprint("partition") != on.fingerprint("partition")
+    assert "unlabeled_distribution" not in json.dumps(_hashed(plain))
     for key, before in ADDED_FIELDS.items():
         section, name = key.split(".")
         default = FedtailConfig.model_fields[section].default_factory().__dict__[name]
         assert default == before or key in CHANGED_BEHAVIOUR, f"{key}: a new default changes results"
         build_config({section: {name: before}})  # the old behaviour can still be asked for
+
+
+def _hashed(cfg) -> dict:
+    from fedtail.config import _with_data_revision, _without_off_sections
+
+    return _without_off_sections(_with_data_revision(cfg.model_dump(mode="json")))
 
 
 CHANGED_BEHAVIOUR = {"train.max_grad_norm"}

@@ -42,6 +42,15 @@ class DatasetSpec:
     raw files (`load`, e.g. a new normalisation) or another `default_model`. It enters the staged-cache key
     and every experiment fingerprint, so neither staged arrays nor a checkpoint or sweep result of the
     older revision is reused."""
+    modality: str = "image"
+    """What a sample is, so augmentations can refuse data they do not fit: ``"image"``, inputs are images,
+    stored flat or as (C,H,W); ``"signal"``, 1-D sequences."""
+    view: tuple[int, ...] | None = None
+    """How a stored sample is seen as a (C,H,W) image or a (C,L) signal (None: ``input_shape`` already
+    is). A flat 64-pixel digit is ``(1, 8, 8)``: what a flip or a shift needs to know."""
+    augmentations: tuple[str, str] = ("flip_shift", "randaugment")
+    """The weak and the strong augmentation ``semisup.weak`` / ``semisup.strong`` = ``auto`` pick
+    (FixMatch's pair for natural images; a mirrored digit is another glyph, so digit sets shift only)."""
 
 
 def stratified_split(

@@ -52,5 +52,8 @@ SPEC = DATASETS.register("digits")(
         load=_load,
         source="sklearn.datasets.load_digits (embedded in scikit-learn)",
         revision=1,  # 1: standardised (0: pixels / 16)
+        modality="image",
+        view=(1, 8, 8),  # stored flat (64,), pixels standardised with one mean and std
+        augmentations=("shift", "randaugment"),
     )
 )

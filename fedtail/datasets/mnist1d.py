@@ -88,5 +88,8 @@ SPEC = DATASETS.register("mnist1d")(
         load=_load,
         source=f"mnist1d.data.make_dataset (generated offline, seed {GENERATOR_SEED})",
         revision=1,  # 1: model.name auto picks cnn1d (0: mlp)
+        modality="signal",
+        view=(1, 40),  # one channel of 40 steps, standardised per step
+        augmentations=("signal_weak", "signal_strong"),
     )
 )

@@ -172,6 +172,9 @@ def _spec(src: _Source) -> DatasetSpec:
         materialize=materialize,
         load=load,
         source=f"torchvision.datasets.{src.torchvision_class} (from dataset.root)",
+        modality="image",
+        view=None,  # already (C,H,W), normalised per channel
+        augmentations=("shift" if src.name == "mnist" else "flip_shift", "randaugment"),  # MNIST: digits
     )
 
 

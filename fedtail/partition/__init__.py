@@ -313,6 +313,60 @@ def labeled_counts(
     return out
 
 
+UNLABELED_DISTRIBUTIONS = ("rest", "consistent", "uniform", "reversed")
+
+
+def unlabeled_counts(
+    available: np.ndarray,
+    distribution: str,
+    imbalance_factor: float,
+    profile: str = "exponential",
+    step_fraction: float = 0.5,
+) -> np.ndarray:
+    """clients x classes: how many of each client's unlabeled samples (``available``, clients x classes)
+    to keep so that the unlabeled part has the class distribution ``distribution`` (SimPro's protocol,
+    Du et al. 2024, after ACR, Wei & Gan 2023).
+
+    ``rest``: every sample without a label (the default). Otherwise the global unlabeled count of class
+    ``c`` is ``U_c = profile(C, M, IF_u)[c]`` (``consistent``: the labeled part's order, class 0 the
+    head), ``profile(C, M, IF_u)[C - 1 - c]`` (``reversed``: class 0 the tail) or ``M`` (``uniform``),
+    with ``M`` the largest head for which every ``U_c`` fits in the class's available samples; ``U_c``
+    is spread over clients in proportion to their available samples of the class (largest remainder,
+    ties to the lower client), as `labeled_counts` spreads labels.
+    """
+    available = np.asarray(available, dtype=np.int64)
+    if distribution not in UNLABELED_DISTRIBUTIONS:
+        raise ValueError(
+            f"partition.unlabeled_distribution={distribution!r}; "
+            f"allowed: {', '.join(UNLABELED_DISTRIBUTIONS)}"
+        )
+    if distribution == "rest":
+        return available.copy()
+    num_classes = available.shape[1]
+    totals = available.sum(axis=0)
+
+    def wanted(head: int) -> np.ndarray:
+        if distribution == "uniform":
+            return np.full(num_classes, head, dtype=np.int64)
+        shape = long_tail_profile(num_classes, head, imbalance_factor, profile, step_fraction)
+        return shape[::-1].copy() if distribution == "reversed" else shape
+
+    lo, hi = 0, int(totals.max(initial=0))
+    while lo < hi:  # the largest head whose profile fits: wanted(head) grows with head
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if (wanted(mid) <= totals).all() else (lo, mid - 1)
+    per_class = wanted(lo)
+    client, cls = np.nonzero(available)
+    n = available[client, cls]
+    exact = per_class[cls] * n / totals[cls]
+    by_class = np.argsort(cls, kind="stable")
+    quota = np.empty(n.size, dtype=np.int64)
+    quota[by_class] = _largest_remainder(cls[by_class], exact[by_class], per_class)
+    out = np.zeros_like(available)
+    out[client, cls] = np.minimum(quota, n)
+    return out
+
+
 def mark_labeled(
     client_indices: list[np.ndarray], labels: np.ndarray, quota: np.ndarray, rng: np.random.Generator
 ) -> list[np.ndarray]:
@@ -422,13 +476,29 @@ def partition_labels(labels: np.ndarray, num_classes: int, cfg: FedtailConfig) -
         )
         kept = np.sort(np.concatenate(client_indices))
     counts = client_class_counts(y, client_indices, num_classes)
-    if pc.labeled_imbalance_factor is None and pc.labeled_fraction == 1.0:
+    if pc.labeled_imbalance_factor is None and pc.labeled_fraction == 1.0 and not pc.novel_classes:
         labeled = [np.ones(idx.size, dtype=bool) for idx in client_indices]
     else:
         quota = labeled_counts(
             counts, pc.labeled_fraction, pc.labeled_imbalance_factor, pc.profile, pc.step_fraction
         )
+        quota[:, list(pc.novel_classes or [])] = 0  # open world: these classes keep no label anywhere
         labeled = mark_labeled(client_indices, y, quota, rng)
+        if pc.unlabeled_distribution != "rest":
+            factor = pc.unlabeled_imbalance_factor or pc.labeled_imbalance_factor or pc.imbalance_factor
+            keep = unlabeled_counts(
+                counts - quota, pc.unlabeled_distribution, factor, pc.profile, pc.step_fraction
+            )
+            rest = [np.flatnonzero(~mask) for mask in labeled]
+            kept_unlabeled = mark_labeled(
+                [idx[r] for idx, r in zip(client_indices, rest, strict=True)], y, keep, rng
+            )
+            for k, (r, chosen) in enumerate(zip(rest, kept_unlabeled, strict=True)):
+                stay = labeled[k].copy()
+                stay[r[chosen]] = True
+                client_indices[k], labeled[k] = client_indices[k][stay], labeled[k][stay]
+            kept = np.sort(np.concatenate(client_indices)) if client_indices else kept
+            counts = client_class_counts(y, client_indices, num_classes)
     params: dict[str, Any] = {
         "method": pc.method,
         "partitioner": partitioner_params(pc),
@@ -437,6 +507,12 @@ def partition_labels(labels: np.ndarray, num_classes: int, cfg: FedtailConfig) -
         "labeled_fraction": pc.labeled_fraction,
         "labeled_imbalance_factor": pc.labeled_imbalance_factor,
         "num_clients": num_clients,
+        **(
+            {"unlabeled_distribution": pc.unlabeled_distribution}
+            if pc.unlabeled_distribution != "rest"
+            else {}
+        ),
+        **({"novel_classes": list(pc.novel_classes)} if pc.novel_classes else {}),
         "seed": cfg.seed,
     }
     if pc.profile == "step":
@@ -662,14 +738,17 @@ def load_client(partition_dir: Path, client_id: int) -> tuple[np.ndarray, np.nda
     return index.client(client_id)
 
 
-def labeled_class_counts(partition_dir: Path, y_train: np.ndarray, num_classes: int) -> np.ndarray:
-    """clients x classes counts of each client's *labeled* samples (what a client trains on), from the
-    partition and the training labels in one pass, without loading any client's data."""
+def labeled_class_counts(
+    partition_dir: Path, y_train: np.ndarray, num_classes: int, all_samples: bool = False
+) -> np.ndarray:
+    """clients x classes counts of each client's *labeled* samples (what a client trains on; with
+    ``all_samples``, every sample: the all-labels upper bound), from the partition and the training
+    labels in one pass, without loading any client's data."""
     index = partition_index(partition_dir)
     n = index.num_clients
     idx = index.order[index.bounds[0] : index.bounds[-1]]
     client = np.repeat(np.arange(n, dtype=np.int64), np.diff(index.bounds))
-    keep = index.labeled[idx]
+    keep = np.ones(len(idx), dtype=bool) if all_samples else index.labeled[idx]
     y = np.asarray(y_train[idx[keep]], dtype=np.int64)
     return np.bincount(client[keep] * num_classes + y, minlength=n * num_classes).reshape(n, num_classes)
 

@@ -1,13 +1,15 @@
-"""Check: every registered strategy runs by name on the in-process engine, on Ray's simulation engine and
-through ``flwr run .`` (Flower's local SuperLink, one SuperNode per client), with the same result.
+"""Check: every registered strategy (``--kind strategies``) or semi-supervised method (``--kind semisup``)
+runs by name on the in-process engine, on Ray's simulation engine and through ``flwr run .`` (Flower's
+local SuperLink, one SuperNode per client), with the same result.
 
-Each strategy runs the smoke config (configs/smoke.yaml: 3 clients, 2 tasks) at its default options on
-each engine; the final metrics must agree with the in-process run's within ``TOL`` (each engine runs
-the same seeded arithmetic, but in other processes, whose float kernels may differ in the last bits).
-Writes ``benchmarks/results/strategies/engines.md``. Tens of minutes on 2 cores (Ray and the SuperLink
-start per run).
+Each plug-in runs the smoke config (configs/smoke.yaml: 3 clients, 2 tasks; semi-supervised methods
+with half the labels) at its default options on each engine; the final metrics must agree with the
+in-process run's within ``TOL`` (each engine runs the same seeded arithmetic, but in other processes,
+whose float kernels may differ in the last bits). Writes ``benchmarks/results/<kind>/engines.md``. Tens
+of minutes on 2 cores (Ray and the SuperLink start per run).
 
-    .venv/bin/python benchmarks/strategy_engines.py [--strategies fedavg creff] [--engines inprocess ray]
+    .venv/bin/python benchmarks/plugin_engines.py [--kind strategies] [--names fedavg creff]
+        [--engines inprocess ray]
 """
 
 from __future__ import annotations
@@ -27,18 +29,26 @@ sys.path.insert(0, str(REPO))
 
 from fedtail import pipeline  # noqa: E402
 from fedtail.config import load_config  # noqa: E402
-from fedtail.registry import STRATEGIES  # noqa: E402
+from fedtail.registry import SEMISUP, STRATEGIES  # noqa: E402
 
 SMOKE = REPO / "configs" / "smoke.yaml"
-OUT = REPO / "benchmarks" / "results" / "strategies" / "engines.md"
+KINDS = {  # kind -> (registry, the field naming the plug-in, what every run of the kind needs besides)
+    "strategies": (STRATEGIES, "strategy.name", {}),
+    "semisup": (SEMISUP, "semisup.method", {"partition.labeled_fraction": 0.5}),
+}
 TOL = 1e-6
 COMPARED = ("final_balanced_accuracy", "final_accuracy", "average_incremental_accuracy")
 BIN = REPO / ".venv" / "bin"
 
 
+KIND = "strategies"
+
+
 def _overrides(root: Path, name: str, run_id: str) -> dict[str, str]:
+    _, field, extra = KINDS[KIND]
     return {
-        "strategy.name": name,
+        field: name,
+        **extra,
         "output.data_dir": str(root / "data"),
         "output.artifacts_dir": str(root / "artifacts"),
         "output.runs_dir": str(root / "runs"),
@@ -70,9 +80,14 @@ def run_flwr(root: Path, name: str, env: dict[str, str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--strategies", nargs="*", default=STRATEGIES.names())
+    parser.add_argument("--kind", choices=list(KINDS), default="strategies")
+    parser.add_argument("--names", nargs="*", help="plug-ins of the kind (default: every registered one)")
     parser.add_argument("--engines", nargs="*", default=["inprocess", "ray", "flwr"])
     args = parser.parse_args(argv)
+    global KIND
+    KIND = args.kind
+    names = args.names or KINDS[KIND][0].names()
+    out = REPO / "benchmarks" / "results" / KIND / "engines.md"
     env = {
         **os.environ,
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
@@ -98,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--num-supernodes", str(clients)],
                 cwd=REPO, env=env, check=True, capture_output=True,
             )  # fmt: skip
-        for name in args.strategies:
+        for name in names:
             results, seconds = {}, {}
             for engine in args.engines:
                 start = time.perf_counter()
@@ -122,19 +137,19 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(f"| {name} | " + " | ".join(cells) + " |")
             print(rows[-1], flush=True)
     lines = [
-        "# Every strategy on every engine (smoke config, default options)",
+        f"# Every {KINDS[KIND][0].kind} on every engine (smoke config, default options)",
         "",
         "Final balanced accuracy per engine; 'same': every compared metric "
         f"({', '.join(COMPARED)}) within {TOL:g} of the in-process run's. "
-        "Written by `benchmarks/strategy_engines.py`; seconds include each engine's start-up.",
+        f"Written by `benchmarks/plugin_engines.py --kind {KIND}`; seconds include each engine's start-up.",
         "",
-        "| strategy | " + " | ".join(args.engines) + " |",
+        f"| {KINDS[KIND][1]} | " + " | ".join(args.engines) + " |",
         "|---" * (len(args.engines) + 1) + "|",
         *rows,
         "",
     ]
-    OUT.write_text("\n".join(lines))
-    print(OUT)
+    out.write_text("\n".join(lines))
+    print(out)
     return 0
 
 

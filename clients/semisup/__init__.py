@@ -1,0 +1,177 @@
+"""Semi-supervised local updates: how a client's unlabeled samples enter its local training, registered
+by name in `fedtail.registry.SEMISUP` (config ``semisup.method``; one module per method).
+
+The training loop (`clients.local.train_local`) draws a seeded stream of unlabeled batches beside the
+labeled one, ``semisup.mu`` unlabeled samples per labeled one, passes the labeled batch and the method's
+`SemiSupervised.views` of the unlabeled batch (``weak``, ``strong``: the `clients.augment` plug-ins the
+config names) through the model in one forward pass, and adds the method's `SemiSupervised.loss` to the
+objective's, the continual method's and the strategy's terms. What the method returns names the
+pseudo-labels it used, so the loop counts, per class, how many were used and how many were right
+against the unlabeled samples' hidden labels, which stay on the client and serve evaluation only
+(`PseudoLabelCounts`, summed over clients into rounds.csv).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from fedtail.registry import PluginOptions
+
+if TYPE_CHECKING:
+    from clients.local import LocalContext
+    from clients.terms import Step
+    from fedtail.config import FedtailConfig
+
+PSEUDO_LABELS = "sums:pseudo-labels"
+"""The reply record of the round's pseudo-label counts (`PseudoLabelCounts`); records named ``sums:...``
+are summed over the round's clients by the server (`strategies.base.summed_records`)."""
+
+COUNTS = ("seen", "used_true", "predicted", "correct")
+"""Per class, over the round's unlabeled batches (sample visits): samples of the class seen, those of
+them given a pseudo-label, pseudo-labels of the class used, and those that were right."""
+
+
+@dataclass(frozen=True)
+class View:
+    """One augmented view of the unlabeled batch, through the model: its inputs, features and logits."""
+
+    x: torch.Tensor
+    features: torch.Tensor
+    logits: torch.Tensor
+
+
+@dataclass(frozen=True)
+class UnlabeledStep:
+    """One local step as a semi-supervised method sees it.
+
+    ``labeled``: the labeled batch (`clients.terms.Step`; may be empty on a client without labels).
+    ``index``: each unlabeled sample's position in the client's unlabeled part (``ClientData.x_unlabeled``,
+    every task's), the key of per-sample state. ``views``: the method's `SemiSupervised.views`, by name.
+    ``step`` / ``total_steps``: progress through the round (0-based; a warm-up or ramp reads it).
+    """
+
+    labeled: Step
+    index: torch.Tensor
+    views: dict[str, View]
+    step: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class UnlabeledLoss:
+    """A method's unlabeled term: the loss, and the pseudo-label of each unlabeled sample with its weight
+    (0: not used; FixMatch's confidence mask, SoftMatch's soft weight), for the pseudo-label counts."""
+
+    loss: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+
+
+class SemiSupervised:
+    """Base class of a semi-supervised method; the hooks default to the supervised-only baseline.
+
+    Class attributes say what the loop must provide: ``uses_unlabeled`` (the unlabeled part takes part in
+    training at all), ``views`` (the augmented views of each unlabeled batch the forward pass includes;
+    empty: no unlabeled stream). Settings are ``semisup.options``, typed as ``self.options``.
+    """
+
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+    uses_unlabeled: ClassVar[bool] = True
+    views: ClassVar[tuple[str, ...]] = ("weak", "strong")
+    reveals_labels: ClassVar[bool] = False
+    """The all-labels upper bound: every client's unlabeled samples are loaded as labeled (their true
+    labels), for training, the objective's counts and the server's class prior alike."""
+
+    @classmethod
+    def check_config(cls, cfg: FedtailConfig) -> str | None:
+        """Why the method cannot run with ``cfg`` (checked with the config, before any work), or None."""
+        return None
+
+    def __init__(self, ctx: LocalContext, options: PluginOptions) -> None:
+        self.ctx = ctx
+        self.options = options
+        self.num_classes = ctx.job.config.num_classes
+
+    def begin(self, index: np.ndarray) -> None:
+        """Before the first step, with the positions of the round's unlabeled samples in the client's
+        unlabeled part (this task's)."""
+
+    def loss(self, step: UnlabeledStep) -> UnlabeledLoss | None:
+        """The unlabeled term of one step; None for nothing."""
+        return None
+
+    def end(self, steps: int) -> None:
+        """After the last step: keep per-client state in ``ctx.state``."""
+
+
+class ConfidenceOptions(PluginOptions):
+    """The FixMatch family's shared settings."""
+
+    threshold: float = Field(0.95, gt=0.0, lt=1.0, description="Confidence a pseudo-label needs (tau).")
+    lambda_u: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the unlabeled loss.")
+
+
+def consistency_loss(logits_strong: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """FixMatch's unlabeled loss: the masked cross-entropy of the strong view against the weak view's
+    hard pseudo-labels, averaged over the whole unlabeled batch (masked samples count as zeros)."""
+    if labels.numel() == 0:
+        return logits_strong.sum() * 0.0
+    ce = torch.nn.functional.cross_entropy(logits_strong, labels, reduction="none")
+    return (ce * mask).mean()
+
+
+class PseudoLabelCounts:
+    """Per-class pseudo-label counts of one round (`COUNTS`), accumulated on the batches' device (no
+    synchronisation per step) and read once at the end."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.num_classes = num_classes
+        self.counts = torch.zeros(len(COUNTS), num_classes, dtype=torch.int64, device=device)
+
+    def add(self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
+        """One batch: the samples' hidden labels, their pseudo-labels and weights (> 0: used)."""
+        used = mask > 0
+        c = self.num_classes
+        self.counts[0] += torch.bincount(hidden, minlength=c)
+        self.counts[1] += torch.bincount(hidden[used], minlength=c)
+        self.counts[2] += torch.bincount(labels[used], minlength=c)
+        self.counts[3] += torch.bincount(labels[used & (labels == hidden)], minlength=c)
+
+    def as_arrays(self) -> dict[str, np.ndarray]:
+        counts = self.counts.cpu().numpy()
+        return {name: counts[i] for i, name in enumerate(COUNTS)}
+
+
+def pseudo_label_columns(
+    counts: dict[str, np.ndarray] | None, num_classes: int, tail: list[int] | None = None
+) -> dict[str, float]:
+    """rounds.csv's pseudo-label columns from the round's counts summed over clients: overall, over the
+    ``tail`` classes (`fedtail.metrics.class_groups`' tail) and per class precision (right / used
+    pseudo-labels of the class), recall (right / unlabeled samples of the class) and the share used
+    (unlabeled samples given a pseudo-label / seen). NaN where nothing was counted."""
+    nan = float("nan")
+
+    def ratio(a: float, b: float) -> float:
+        return float(a) / float(b) if b > 0 else nan
+
+    if counts is None:
+        zeros = np.zeros(num_classes)
+        counts = {name: zeros for name in COUNTS}
+    seen, used, predicted, correct = (np.asarray(counts[n], dtype=np.float64) for n in COUNTS)
+    out = {
+        "pl_used": ratio(used.sum(), seen.sum()),
+        "pl_precision": ratio(correct.sum(), predicted.sum()),
+    }
+    rows = list(tail or [])
+    out["tail_pl_precision"] = ratio(correct[rows].sum(), predicted[rows].sum()) if rows else nan
+    out["tail_pl_recall"] = ratio(correct[rows].sum(), seen[rows].sum()) if rows else nan
+    for c in range(num_classes):
+        out[f"pl_precision_{c}"] = ratio(correct[c], predicted[c])
+        out[f"pl_recall_{c}"] = ratio(correct[c], seen[c])
+        out[f"pl_used_{c}"] = ratio(used[c], seen[c])
+    return out
