@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
 from clients.oversampling import is_flat, smote, smote_features
-from clients.semisup import PSEUDO_LABELS, PseudoLabelCounts, UnlabeledStep, View
+from clients.semisup import PLAIN, PSEUDO_LABELS, PseudoLabelCounts, UnlabeledStep, View
 from clients.terms import LossTerm, Step
 from fedtail.models import array_from_numpy, array_to_numpy, on_device
 from fedtail.partition import load_client
@@ -333,7 +333,9 @@ class UnlabeledStream:
                 cfg.dataset.name, getattr(ss, v), json.dumps(getattr(ss, f"{v}_options"), sort_keys=True)
             )
             for v in views
+            if v != PLAIN
         }
+        self.views = views
 
     def steps_per_epoch(self, batch_size: int) -> int:
         """Steps of an epoch on a client without labels: one pass over the unlabeled samples."""
@@ -345,7 +347,12 @@ class UnlabeledStream:
             self._pending = torch.cat([self._pending, torch.randperm(self.n, generator=self._order_gen)])
         pos, self._pending = self._pending[: self.size], self._pending[self.size :]
         xb = self.x[pos.to(self.x.device)]
-        return pos, xb, {v: aug(xb, self._aug_gen) for v, aug in self.augment.items()}
+        return pos, xb, {v: xb if v == PLAIN else self.augment[v](xb, self._aug_gen) for v in self.views}
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The views' seeded stream, which a method's own draws (mixup's) continue."""
+        return self._aug_gen
 
 
 def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
@@ -369,7 +376,8 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
     seed = step_seed(cfg.seed, ctx.task, ctx.global_round, ctx.partition_id)
     semi_cls = SEMISUP.get(cfg.semisup.method)
     stream = None
-    if semi_cls.views and ctx.unlabeled_index is not None and len(ctx.unlabeled_index):
+    warm = ctx.global_round > cfg.semisup.warmup_rounds  # rounds count from 1
+    if semi_cls.views and warm and ctx.unlabeled_index is not None and len(ctx.unlabeled_index):
         stream = UnlabeledStream(ctx, seed, semi_cls.views)
     if n_real == 0 and stream is None:
         return 0.0, 0
@@ -429,18 +437,18 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
                 logits = model.classifier(f)
             else:
                 pos, _, views = stream.next()
+                views = {
+                    **views,
+                    **semi.extra_inputs(xb, yb[: len(xb)], stream.index[pos], views, stream.generator),
+                }
+                sizes = [len(xb), *(len(v) for v in views.values())]
                 f_all = model.features(torch.cat([xb, *views.values()]))
                 logits_all = model.classifier(f_all)
-                f, logits = f_all[: len(xb)], logits_all[: len(xb)]
+                f_parts, l_parts = f_all.split(sizes), logits_all.split(sizes)
+                f, logits = f_parts[0], l_parts[0]
                 views = {
                     name: View(vx, fv, lv)
-                    for name, vx, fv, lv in zip(
-                        views,
-                        views.values(),
-                        f_all[len(xb) :].chunk(len(views)),
-                        logits_all[len(xb) :].chunk(len(views)),
-                        strict=True,
-                    )
+                    for name, vx, fv, lv in zip(views, views.values(), f_parts[1:], l_parts[1:], strict=True)
                 }
             if feats is not None:
                 logits = torch.cat([logits, model.classifier(feats[syn])])

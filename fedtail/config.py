@@ -554,6 +554,13 @@ class SemisupConfig(_Section):
     strong_options: dict[str, Any] = Field(
         default_factory=dict, description="Strong augmentation options, as its `Options` declares."
     )
+    warmup_rounds: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="Global rounds at the start of the run that train on the labeled part only (a "
+        "supervised warm-up before pseudo-labels count, as Arazo et al. warm up for 10 epochs).",
+    )
     count_unlabeled: bool = Field(
         True,
         description="FedAvg weights count each client's unlabeled samples beside its labeled ones when the "

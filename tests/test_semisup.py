@@ -74,6 +74,26 @@ def test_softmatch_weights_are_a_truncated_gaussian_of_confidence() -> None:
     assert w[2].item() == pytest.approx(math.exp(-(0.2**2) / (2 * 0.04 / 4)))
 
 
+def test_pseudo_label_mixup_loss_and_regularisers() -> None:
+    """Arazo et al.: lambda CE(mixed, t) + (1 - lambda) CE(mixed, t[perm]); R_A against the prior on the
+    batch's mean softmax; R_H the mean entropy."""
+    from clients.semisup.pseudo_label import mixup_loss, regularisers
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([[1.0, 0.0], [0.3, 0.7]])
+    perm = torch.tensor([1, 0])
+    log_p = torch.log_softmax(logits, dim=1)
+    ce_a = -(targets * log_p).sum(1).mean()
+    ce_b = -(targets[perm] * log_p).sum(1).mean()
+    assert mixup_loss(logits, targets, perm, 0.25).item() == pytest.approx((0.25 * ce_a + 0.75 * ce_b).item())
+    p = torch.softmax(logits, dim=1)
+    r_a, r_h = regularisers(logits, torch.tensor([0.5, 0.5]))
+    assert r_a.item() == pytest.approx(-(0.5 * torch.log(p.mean(0))).sum().item())
+    assert r_h.item() == pytest.approx(-(p * torch.log(p)).sum(1).mean().item())
+    balanced, _ = regularisers(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0.5, 0.5]))
+    assert balanced.item() == pytest.approx(math.log(2))  # its minimum: the mean prediction is the prior
+
+
 # --- pseudo-label counts ----------------------------------------------------------------------------------
 
 
@@ -163,7 +183,7 @@ def _params(ctx: LocalContext) -> list[torch.Tensor]:
     return [p.detach().clone() for p in ctx.model.parameters()]
 
 
-@pytest.mark.parametrize("method", ["fixmatch", "flexmatch", "da", "softmatch"])
+@pytest.mark.parametrize("method", ["fixmatch", "flexmatch", "da", "softmatch", "pseudo_label"])
 def test_a_method_trains_on_the_unlabeled_stream_seeded(method: str) -> None:
     first, loss, n = _train(method)
     again, loss2, _ = _train(method)
@@ -203,6 +223,14 @@ def test_a_client_without_labels_trains_on_its_unlabeled_samples() -> None:
     assert any(moved)
     seen = array_to_numpy(ctx.reply[PSEUDO_LABELS]["seen"]).sum()
     assert seen == 2 * math.ceil(60 / 56) * 56  # one pass over the unlabeled part per epoch
+
+
+def test_pseudo_label_keeps_soft_labels_from_the_received_model_then_the_latest() -> None:
+    from clients.semisup.pseudo_label import SOFT_LABELS
+
+    ctx, _, _ = _train("pseudo_label")
+    soft = array_to_numpy(ctx.state[SOFT_LABELS]["soft"])
+    assert soft.shape == (60, 10) and np.allclose(soft.sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_flexmatch_keeps_its_per_sample_marks_in_the_client_state() -> None:

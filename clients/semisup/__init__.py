@@ -31,6 +31,9 @@ PSEUDO_LABELS = "sums:pseudo-labels"
 """The reply record of the round's pseudo-label counts (`PseudoLabelCounts`); records named ``sums:...``
 are summed over the round's clients by the server (`strategies.base.summed_records`)."""
 
+PLAIN = "plain"
+"""The view of an unlabeled batch as stored, without augmentation (Arazo et al.'s pseudo-label view)."""
+
 COUNTS = ("seen", "used_true", "predicted", "correct")
 """Per class, over the round's unlabeled batches (sample visits): samples of the class seen, those of
 them given a pseudo-label, pseudo-labels of the class used, and those that were right."""
@@ -76,8 +79,9 @@ class SemiSupervised:
     """Base class of a semi-supervised method; the hooks default to the supervised-only baseline.
 
     Class attributes say what the loop must provide: ``uses_unlabeled`` (the unlabeled part takes part in
-    training at all), ``views`` (the augmented views of each unlabeled batch the forward pass includes;
-    empty: no unlabeled stream). Settings are ``semisup.options``, typed as ``self.options``.
+    training at all), ``views`` (the views of each unlabeled batch the forward pass includes: ``weak`` /
+    ``strong``, the config's augmentations, or `PLAIN`; empty: no unlabeled stream). Settings are
+    ``semisup.options``, typed as ``self.options``.
     """
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
@@ -100,6 +104,20 @@ class SemiSupervised:
     def begin(self, index: np.ndarray) -> None:
         """Before the first step, with the positions of the round's unlabeled samples in the client's
         unlabeled part (this task's)."""
+
+    def extra_inputs(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        index: torch.Tensor,
+        views: dict[str, torch.Tensor],
+        generator: torch.Generator,
+    ) -> dict[str, torch.Tensor]:
+        """Inputs beyond the views that the step's forward pass must include, built from the labeled batch
+        ``x``, ``y``, the unlabeled samples' positions ``index`` (in the client's unlabeled part, as
+        `UnlabeledStep.index`) and its views, drawing from ``generator`` (e.g. mixup of labeled and
+        unlabeled samples); they reach `loss` as views of their names. Default: none."""
+        return {}
 
     def loss(self, step: UnlabeledStep) -> UnlabeledLoss | None:
         """The unlabeled term of one step; None for nothing."""
