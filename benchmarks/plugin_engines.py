@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             check=True,
         )
         init_dvc(root)
-        add_data(load_config(SMOKE, _overrides(root, "fedavg", "x")), root)
+        add_data(load_config(SMOKE, _overrides(root, names[0], "x")), root)
         if "flwr" in args.engines:
             clients = load_config(SMOKE).federation.num_clients
             subprocess.run(

@@ -1,8 +1,9 @@
 """Benchmark: semi-supervised local updates against supervised-only and all-labels (issue 20).
 
-``fedtail sweep benchmarks/sweeps/semisup-digits.yaml``: balanced digits whose labeled part is
-long-tailed (IF 10, 10 % of the head labeled) and whose unlabeled part is consistent with, uniform
-against or reversed to it, 10 clients, Dirichlet alpha 0.5, every method at its defaults; then
+Per dataset (``--datasets``: digits, mnist1d), ``fedtail sweep benchmarks/sweeps/semisup-<dataset>.yaml``:
+balanced data whose labeled part is long-tailed (IF 10, 10 % of the head labeled) and whose unlabeled
+part is consistent with, uniform against or reversed to it, 10 clients, Dirichlet alpha 0.5, every
+method at its defaults; then
 ``benchmarks/results/semisup/summary.{md,json}``: mean ± sample std over the seeds of balanced and tail
 accuracy and of the last round's pseudo-label precision (tail classes: those with fewer than
 ``evaluation.few_shot`` labels), the share of the gap between supervised-only and all-labels each method
@@ -10,7 +11,8 @@ closes, bytes and time per round relative to supervised-only's (side by side in 
 
 Finished runs are reused (the sweep skips them), so an interrupted benchmark resumes.
 
-    .venv/bin/python benchmarks/semisup.py [--workers 2] [--seeds 0 1 2] [--summarise]
+    .venv/bin/python benchmarks/semisup.py [--workers 2] [--datasets digits mnist1d] [--seeds 0 1 2]
+        [--summarise]
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ _spec = importlib.util.spec_from_file_location("bench_strategies", HERE / "strat
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)  # its table helpers; a plain import would find the strategies package
 
-SPEC = REPO / "benchmarks" / "sweeps" / "semisup-digits.yaml"
+SPECS = {d: REPO / "benchmarks" / "sweeps" / f"semisup-{d}.yaml" for d in ("digits", "mnist1d")}
 OUT = REPO / "benchmarks" / "results" / "semisup"
 METRICS = {
     "final_balanced_accuracy": "balanced acc. ↑",
@@ -43,7 +45,6 @@ METRICS = {
 }
 LOWER, UPPER = "supervised", "all_labels"
 AXIS = "partition.unlabeled_distribution"
-SWEEP_ID = "semisup-digits"
 
 
 def gap_closed(rows: dict[str, dict[str, list[float]]], label: str) -> float:
@@ -56,19 +57,20 @@ def gap_closed(rows: dict[str, dict[str, list[float]]], label: str) -> float:
 def write_summary(results: dict) -> Path:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
-    spec = yaml.safe_load(SPEC.read_text())
-    settings = ", ".join(f"`{k}={v}`" for k, v in spec["set"].items())
-    lines = [
-        "# Semi-supervised local updates on long-tailed labels (issue 20)",
-        "",
-        f"Settings: {settings}; CE; seeds {results['seeds']}.",
-        "",
-    ]
-    for distribution, rows in results["distributions"].items():
-        lines += [f"## unlabeled part {distribution}", ""]
-        lines += bench.table(rows, rows.get(LOWER), METRICS, "method", "supervised-only")
-        closed = [f"{label} {gap_closed(rows, label):+.2f}" for label in rows if label not in (LOWER, UPPER)]
-        lines += ["", "Share of the supervised-only → all-labels gap closed: " + ", ".join(closed) + ".", ""]
+    lines = ["# Semi-supervised local updates on long-tailed labels (issue 20)", ""]
+    for dataset, part in results["datasets"].items():
+        spec = yaml.safe_load(SPECS[dataset].read_text())
+        settings = ", ".join(f"`{k}={v}`" for k, v in spec["set"].items())
+        lines += [f"# {dataset}", "", f"Settings: {settings}; CE; seeds {part['seeds']}.", ""]
+        for distribution, rows in part["distributions"].items():
+            lines += [f"## {dataset}: unlabeled part {distribution}", ""]
+            lines += bench.table(rows, rows.get(LOWER), METRICS, "method", "supervised-only")
+            closed = [f"{r} {gap_closed(rows, r):+.2f}" for r in rows if r not in (LOWER, UPPER)]
+            lines += [
+                "",
+                "Share of the supervised-only → all-labels gap closed: " + ", ".join(closed) + ".",
+                "",
+            ]
     lines += [
         "mean ± sample std over the seeds of the final global model's test metrics; pseudo-label columns: "
         "the last round's counts summed over its clients (precision: right / used pseudo-labels; tail: "
@@ -85,19 +87,25 @@ def write_summary(results: dict) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--datasets", nargs="+", default=list(SPECS), choices=list(SPECS))
+    parser.add_argument("--seeds", type=int, nargs="+", help="instead of the sweep files' seeds")
     parser.add_argument("--summarise", action="store_true", help="rewrite summary.md from summary.json")
     args = parser.parse_args()
+    previous = json.loads((OUT / "summary.json").read_text()) if (OUT / "summary.json").is_file() else {}
     if args.summarise:
-        print(write_summary(json.loads((OUT / "summary.json").read_text())))
+        print(write_summary(previous))
         return
-    spec = bench._with_seeds(yaml.safe_load(SPEC.read_text()), args.seeds)
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = bench._sweep(spec, SWEEP_ID, Path(tmp), args.workers)
-    results = {"seeds": spec["seeds"], "distributions": {}}
-    for distribution, group in runs.groupby(AXIS, sort=False):
-        results["distributions"][str(distribution)] = bench.collect(SWEEP_ID, group, ["variant"], METRICS)
-    print(write_summary(results))
+    results = {"datasets": dict(previous.get("datasets", {}))}
+    for dataset in args.datasets:
+        spec = bench._with_seeds(yaml.safe_load(SPECS[dataset].read_text()), args.seeds)
+        sweep_id = f"semisup-{dataset}"
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = bench._sweep(spec, sweep_id, Path(tmp), args.workers)
+        part = {"seeds": spec["seeds"], "distributions": {}}
+        for distribution, group in runs.groupby(AXIS, sort=False):
+            part["distributions"][str(distribution)] = bench.collect(sweep_id, group, ["variant"], METRICS)
+        results["datasets"][dataset] = part
+        print(write_summary(results), flush=True)
 
 
 if __name__ == "__main__":

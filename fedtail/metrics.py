@@ -284,3 +284,33 @@ def ranking_metrics(y_true: Any, proba: Any, labels: Sequence[int]) -> dict[str,
         "auroc": float(np.mean(aurocs)) if aurocs else nan,
         "auprc": float(np.mean(auprcs)) if auprcs else nan,
     }
+
+
+def cluster_accuracy(y_true: Any, y_pred: Any) -> float:
+    """Accuracy under the best one-to-one map of predicted labels onto true labels (the Hungarian
+    algorithm, scipy's ``linear_sum_assignment``): how open-world methods score classes they discover
+    without labels (ORCA, Cao et al. 2022; FedoSSL). NaN for no samples."""
+    from scipy.optimize import linear_sum_assignment
+
+    t, p = _as_labels(y_true, y_pred)
+    if t.size == 0:
+        return float("nan")
+    size = int(max(t.max(), p.max())) + 1
+    counts = np.zeros((size, size), dtype=np.int64)
+    np.add.at(counts, (p, t), 1)
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    return float(counts[rows, cols].sum() / t.size)
+
+
+def open_world_accuracies(y_true: Any, y_pred: Any, novel: Any) -> dict[str, float]:
+    """Open-world scores: ``seen_accuracy`` (plain accuracy on the test samples of classes with labels),
+    ``novel_accuracy`` (`cluster_accuracy` on those of the ``novel`` classes) and ``all_accuracy``
+    (`cluster_accuracy` on every test sample), as ORCA and FedoSSL report them."""
+    t, p = _as_labels(y_true, y_pred)
+    is_novel = np.isin(t, np.asarray(list(novel), dtype=np.int64))
+    seen = ~is_novel
+    return {
+        "seen_accuracy": float((t[seen] == p[seen]).mean()) if seen.any() else float("nan"),
+        "novel_accuracy": cluster_accuracy(t[is_novel], p[is_novel]),
+        "all_accuracy": cluster_accuracy(t, p),
+    }

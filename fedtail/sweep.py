@@ -85,6 +85,13 @@ METRICS: dict[str, bool] = {
     "final_new_class_accuracy": True,
     "max_client_memory_bytes": False,
     "backward_transfer": True,
+    "final_pl_precision": True,
+    "final_pl_used": True,
+    "final_tail_pl_precision": True,
+    "final_tail_pl_recall": True,
+    "final_seen_accuracy": True,
+    "final_novel_accuracy": True,
+    "final_all_accuracy": True,
 }
 SEED = "seed"
 

@@ -45,7 +45,7 @@ from fedtail.registry import ADJUSTMENTS, CONTINUAL, SEMISUP, STRATEGIES
 from fedtail.staging import load_staged, staged_meta
 from fedtail.tasks import TaskSchedule
 from server.evaluation import ADJUSTED_KEYS, Evaluator, LogitsFn
-from server.recorder import CONTINUAL_COLUMNS, IMBALANCE_COLUMNS, RunRecorder
+from server.recorder import CONTINUAL_COLUMNS, IMBALANCE_COLUMNS, OPEN_WORLD_COLUMNS, RunRecorder
 from strategies.base import FedtailStrategy, divergence_hint
 
 log = logging.getLogger("fedtail")
@@ -261,6 +261,8 @@ def evaluate_round(
         **recall,
         **precision,
     }
+    if cfg.partition.novel_classes:  # open world
+        row.update({k: res.get(k, nan) for k in OPEN_WORLD_COLUMNS})
     if SEMISUP.get(cfg.semisup.method).views:  # the round's pseudo-labels, counted over its clients
         tail = context.evaluator.groups.get("tail")
         row.update(pseudo_label_columns(strategy.last_sums.get(PSEUDO_LABELS), cfg.num_classes, tail))
@@ -353,6 +355,7 @@ def _run_federation(grid: Grid, job: P.Job, run_dir: Path, on_round: OnRound | N
         adjustment=adjustment,
         client_counts=counts,
         seed=cfg.seed,
+        novel=cfg.partition.novel_classes,
     )
     recorder = RunRecorder(run_dir, cfg, schedule)
     if recorder.resumed:

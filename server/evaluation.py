@@ -24,6 +24,7 @@ from fedtail.metrics import (
     geometric_mean_recall,
     group_accuracies,
     old_new_accuracies,
+    open_world_accuracies,
     ranking_metrics,
     task_accuracies,
 )
@@ -65,8 +66,10 @@ class Evaluator:
         adjustment: Adjustment | None = None,
         client_counts: np.ndarray | None = None,
         seed: int = 0,
+        novel: Sequence[int] | None = None,
     ) -> None:
         self.groups = groups or {}  # head / medium / tail classes by global training count
+        self.novel = list(novel or [])  # open world: classes no client has a label of
         self.adjustment = adjustment  # scored beside the plain model as adjusted_*
         self.client_counts = client_counts  # clients x classes: each client's personalised accuracy
         self.model = model.to(device).eval()
@@ -180,6 +183,8 @@ class Evaluator:
         seen_set = set(seen)
         groups = {g: [c for c in classes if c in seen_set] for g, classes in self.groups.items()}
         out.update({f"{g}_accuracy": acc for g, acc in group_accuracies(y, pred, groups).items()})
+        if self.novel:  # seen / novel (Hungarian-matched) / all accuracy
+            out.update(open_world_accuracies(y, pred, [c for c in self.novel if c in seen_set]))
         if self.client_counts is not None:
             out["client_accuracies"] = client_accuracies(self.client_counts, out["per_class_recall"])
             out.update(client_accuracy_summary(out["client_accuracies"]))

@@ -43,6 +43,8 @@ IMBALANCE_COLUMNS = (
 )
 CONTINUAL_COLUMNS = ("old_class_accuracy", "new_class_accuracy")
 PSEUDO_LABEL_COLUMNS = ("pl_precision", "pl_used", "tail_pl_precision", "tail_pl_recall")
+OPEN_WORLD_COLUMNS = ("seen_accuracy", "novel_accuracy", "all_accuracy")
+"""Open-world runs (``partition.novel_classes``): `fedtail.metrics.open_world_accuracies`."""
 """The last round's pseudo-label summary (semi-supervised runs) that metrics.json repeats."""
 """Every round: accuracy on the earlier tasks' classes and on the current task's (`old_new_accuracies`)."""
 TASK_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", *IMBALANCE_COLUMNS[:7], *CONTINUAL_COLUMNS)
@@ -351,7 +353,11 @@ class RunRecorder:
             "final_macro_f1": last["macro_f1"],
             **{f"final_{k}": _finite_or_none(last.get(k)) for k in (*IMBALANCE_COLUMNS, *CONTINUAL_COLUMNS)},
             **{f"final_{k}": _finite_or_none(v) for k, v in last.items() if k.startswith("adjusted_")},
-            **{f"final_{k}": _finite_or_none(last[k]) for k in PSEUDO_LABEL_COLUMNS if k in last},
+            **{
+                f"final_{k}": _finite_or_none(last[k])
+                for k in (*PSEUDO_LABEL_COLUMNS, *OPEN_WORLD_COLUMNS)
+                if k in last
+            },
             "average_incremental_accuracy": average_incremental_accuracy(a),
             "final_average_accuracy": final_average_accuracy(a),
             "forgetting": forgetting(a),

@@ -364,3 +364,43 @@ def test_partition_rules_name_the_fields() -> None:
         build_config({"partition": {"novel_classes": [3, 3]}})
     with pytest.raises(ConfigError, match=r"partition.unlabeled_distribution='uniform'.*labeled_fraction"):
         build_config({"partition": {"unlabeled_distribution": "uniform"}})
+
+
+def test_sweeps_can_summarise_every_pseudo_label_and_open_world_metric() -> None:
+    from fedtail.sweep import METRICS
+    from server.recorder import OPEN_WORLD_COLUMNS, PSEUDO_LABEL_COLUMNS
+
+    assert {f"final_{k}" for k in (*PSEUDO_LABEL_COLUMNS, *OPEN_WORLD_COLUMNS)} <= set(METRICS)
+
+
+def test_cluster_accuracy_is_accuracy_under_the_best_label_map() -> None:
+    """ORCA's / FedoSSL's novel-class score: Hungarian matching of predicted onto true labels."""
+    from fedtail.metrics import cluster_accuracy, open_world_accuracies
+
+    y = np.array([3, 3, 4, 4, 4, 5])
+    assert cluster_accuracy(y, np.array([7, 7, 1, 1, 1, 2])) == 1.0  # a relabelling costs nothing
+    assert cluster_accuracy(y, np.array([1, 1, 1, 1, 1, 1])) == pytest.approx(3 / 6)  # one label: one class
+    assert cluster_accuracy(y, np.array([4, 3, 4, 4, 3, 5])) == pytest.approx(4 / 6)
+    scores = open_world_accuracies(np.array([0, 1, 3, 3, 4]), np.array([0, 2, 4, 4, 3]), novel=[3, 4])
+    assert scores["seen_accuracy"] == 0.5 and scores["novel_accuracy"] == 1.0
+    assert scores["all_accuracy"] == 1.0  # over all classes the map may also send 2 to 1
+    assert math.isnan(open_world_accuracies(np.array([0]), np.array([0]), novel=[3])["novel_accuracy"])
+
+
+def test_an_open_world_run_reports_seen_novel_and_all_accuracy(project: Path) -> None:
+    import pandas as pd
+
+    from tests.conftest import smoke_run
+
+    run_dir, metrics = smoke_run(
+        project,
+        "ow",
+        **{
+            "semisup.method": "fixmatch",
+            "partition.labeled_fraction": 0.5,
+            "partition.novel_classes": [1, 6],
+        },
+    )
+    rounds = pd.read_csv(run_dir / "rounds.csv")
+    assert {"seen_accuracy", "novel_accuracy", "all_accuracy"} <= set(rounds.columns)
+    assert 0.0 <= metrics["final_all_accuracy"] <= 1.0 and 0.0 <= metrics["final_novel_accuracy"] <= 1.0

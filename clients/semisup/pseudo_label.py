@@ -1,5 +1,6 @@
-"""Pseudo-labeling with the confirmation-bias remedies of Arazo et al. ("Pseudo-Labeling and Confirmation
-Bias in Deep Semi-Supervised Learning", IJCNN 2020; official code EricArazo/PseudoLabeling).
+"""Pseudo-labeling with confirmation-bias remedies: soft pseudo-labels, mixup and a minimum of labeled
+samples per batch (Arazo et al., "Pseudo-Labeling and Confirmation Bias in Deep Semi-Supervised
+Learning", IJCNN 2020; official code EricArazo/PseudoLabeling).
 
 Each unlabeled sample carries a soft pseudo-label h: the network's softmax on the sample as stored
 (`PLAIN`, no augmentation), initialised from the received model at the client's first round (the
