@@ -59,9 +59,7 @@ def write_summary(results: dict) -> Path:
     (OUT / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
     lines = ["# Semi-supervised local updates on long-tailed labels (issue 20)", ""]
     for dataset, part in results["datasets"].items():
-        spec = yaml.safe_load(SPECS[dataset].read_text())
-        settings = ", ".join(f"`{k}={v}`" for k, v in spec["set"].items())
-        lines += [f"# {dataset}", "", f"Settings: {settings}; CE; seeds {part['seeds']}.", ""]
+        lines += bench.dataset_header(dataset, SPECS[dataset], part["seeds"])
         for distribution, rows in part["distributions"].items():
             lines += [f"## {dataset}: unlabeled part {distribution}", ""]
             lines += bench.table(rows, rows.get(LOWER), METRICS, "method", "supervised-only")

@@ -153,13 +153,18 @@ def table(
     return lines
 
 
+def dataset_header(dataset: str, sweep_file: Path, seeds: list[int]) -> list[str]:
+    """A summary's section head: the dataset and the sweep file's fixed settings."""
+    spec = yaml.safe_load(sweep_file.read_text())
+    settings = ", ".join(f"`{k}={v}`" for k, v in spec["set"].items())
+    return [f"# {dataset}", "", f"Settings: {settings}; CE; seeds {seeds}.", ""]
+
+
 def write_summary(results: dict) -> Path:
     (OUT / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
     lines = ["# Server strategies vs FedAvg on long-tailed data (issue 19)", ""]
     for dataset, part in results["datasets"].items():
-        spec = yaml.safe_load(SPECS[dataset].read_text())
-        settings = ", ".join(f"`{k}={v}`" for k, v in spec["set"].items())
-        lines += [f"# {dataset}", "", f"Settings: {settings}; CE; seeds {part['seeds']}.", ""]
+        lines += dataset_header(dataset, SPECS[dataset], part["seeds"])
         for alpha, rows in part["strategies"].items():
             lines += [f"## {dataset}: Dirichlet α = {alpha}", ""]
             lines += table(rows, rows.get(BASELINE))

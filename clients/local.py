@@ -337,7 +337,7 @@ class UnlabeledStream:
         }
         self.views = views
 
-    def steps_per_epoch(self, batch_size: int) -> int:
+    def steps_per_epoch(self) -> int:
         """Steps of an epoch on a client without labels: one pass over the unlabeled samples."""
         return -(-self.n // self.size) if self.size else 0
 
@@ -408,7 +408,7 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
         term.begin(model, lr, x_real, y_real)
     generator = torch.Generator().manual_seed(seed)
     bs = cfg.train.batch_size
-    per_epoch = -(-len(labels) // bs) if len(labels) else stream.steps_per_epoch(bs)
+    per_epoch = -(-len(labels) // bs) if len(labels) else stream.steps_per_epoch()
     counts = None
     if stream is not None:
         semi.begin(np.asarray(ctx.unlabeled_index))
