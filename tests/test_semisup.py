@@ -94,6 +94,20 @@ def test_pseudo_label_mixup_loss_and_regularisers() -> None:
     assert balanced.item() == pytest.approx(math.log(2))  # its minimum: the mean prediction is the prior
 
 
+def test_daso_blend_weights_and_semantic_scores() -> None:
+    """DASO eq. 5: nu = m^(1/T) / sum, then / max: the most predicted class gets 1; eq. 6's semantic
+    scores are cosine similarities over T_proto, 0 against an empty (zero) prototype."""
+    from clients.semisup.daso import blend_weights, semantic_scores
+
+    m = torch.tensor([0.6, 0.3, 0.1])
+    torch.testing.assert_close(blend_weights(m, 1.0), torch.tensor([1.0, 0.5, 1 / 6]))
+    sharp = blend_weights(m, 0.5)  # T < 1 sharpens: the tail's weight drops
+    torch.testing.assert_close(sharp, torch.tensor([1.0, 0.25, 1 / 36]))
+    protos = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    scores = semantic_scores(torch.tensor([[3.0, 0.0]]), protos, 0.05)
+    torch.testing.assert_close(scores, torch.tensor([[20.0, 0.0, 0.0]]))
+
+
 # --- pseudo-label counts ----------------------------------------------------------------------------------
 
 
@@ -183,7 +197,7 @@ def _params(ctx: LocalContext) -> list[torch.Tensor]:
     return [p.detach().clone() for p in ctx.model.parameters()]
 
 
-@pytest.mark.parametrize("method", ["fixmatch", "flexmatch", "da", "softmatch", "pseudo_label"])
+@pytest.mark.parametrize("method", ["fixmatch", "flexmatch", "da", "softmatch", "pseudo_label", "daso"])
 def test_a_method_trains_on_the_unlabeled_stream_seeded(method: str) -> None:
     first, loss, n = _train(method)
     again, loss2, _ = _train(method)
@@ -231,6 +245,21 @@ def test_pseudo_label_keeps_soft_labels_from_the_received_model_then_the_latest(
     ctx, _, _ = _train("pseudo_label")
     soft = array_to_numpy(ctx.state[SOFT_LABELS]["soft"])
     assert soft.shape == (60, 10) and np.allclose(soft.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_daso_pretrains_then_blends_with_the_previous_rounds_pseudo_label_distribution() -> None:
+    from clients.local import train_local
+    from clients.semisup.daso import PL_DIST
+
+    ctx, data = _context("daso", 20, 60)
+    train_local(ctx, data.x, data.y)
+    dist = array_to_numpy(ctx.state[PL_DIST]["dist"])
+    assert dist.shape == (10,) and dist.sum() == pytest.approx(1.0)
+    first = _params(ctx)
+    again, _ = _context("daso", 20, 60)  # the same round with a distribution in the state: blended
+    again.state[PL_DIST] = ctx.state[PL_DIST]
+    train_local(again, data.x, data.y)
+    assert any(not torch.equal(a, b) for a, b in zip(first, _params(again), strict=True))
 
 
 def test_flexmatch_keeps_its_per_sample_marks_in_the_client_state() -> None:
