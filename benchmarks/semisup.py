@@ -3,7 +3,8 @@
 Per dataset (``--datasets``: digits, mnist1d), ``fedtail sweep benchmarks/sweeps/semisup-<dataset>.yaml``:
 balanced data whose labeled part is long-tailed (IF 10, 10 % of the head labeled) and whose unlabeled
 part is consistent with, uniform against or reversed to it, 10 clients, Dirichlet alpha 0.5, every
-method at its defaults; then
+method at its defaults; then the open-world and class-incremental row sets (``--extras``,
+benchmarks/sweeps/semisup-openworld.yaml and semisup-cil.yaml); then
 ``benchmarks/results/semisup/summary.{md,json}``: mean ± sample std over the seeds of balanced and tail
 accuracy and of the last round's pseudo-label precision (tail classes: those with fewer than
 ``evaluation.few_shot`` labels), the share of the gap between supervised-only and all-labels each method
@@ -11,8 +12,8 @@ closes, bytes and time per round relative to supervised-only's (side by side in 
 
 Finished runs are reused (the sweep skips them), so an interrupted benchmark resumes.
 
-    .venv/bin/python benchmarks/semisup.py [--workers 2] [--datasets digits mnist1d] [--seeds 0 1 2]
-        [--summarise]
+    .venv/bin/python benchmarks/semisup.py [--workers 2] [--datasets digits mnist1d]
+        [--extras openworld cil] [--seeds 0 1 2] [--summarise]
 """
 
 from __future__ import annotations
@@ -43,6 +44,28 @@ METRICS = {
     "final_pl_precision": "pseudo-label precision ↑",
     "final_pl_used": "unlabeled used ↑",
 }
+EXTRAS = {  # row sets beside the datasets' tables: sweep file, its metrics, the table's title
+    "openworld": (
+        REPO / "benchmarks" / "sweeps" / "semisup-openworld.yaml",
+        {
+            "final_seen_accuracy": "seen acc. ↑",
+            "final_novel_accuracy": "novel acc. (Hungarian) ↑",
+            "final_all_accuracy": "all acc. (Hungarian) ↑",
+            "final_balanced_accuracy": "balanced acc. ↑",
+        },
+        "Open world: classes 3 and 8 hold no label (digits, consistent unlabeled part)",
+    ),
+    "cil": (
+        REPO / "benchmarks" / "sweeps" / "semisup-cil.yaml",
+        {
+            "average_incremental_accuracy": "avg. incremental acc. ↑",
+            "final_average_accuracy": "final avg. acc. ↑",
+            "forgetting": "forgetting ↓",
+            "final_balanced_accuracy": "final balanced acc. ↑",
+        },
+        "Class-incremental: Split-digits (5 tasks × 2 classes), iCaRL, 10 % of the head labeled",
+    ),
+}
 LOWER, UPPER = "supervised", "all_labels"
 AXIS = "partition.unlabeled_distribution"
 
@@ -69,6 +92,11 @@ def write_summary(results: dict) -> Path:
                 "Share of the supervised-only → all-labels gap closed: " + ", ".join(closed) + ".",
                 "",
             ]
+    for name, part in results.get("extras", {}).items():
+        path, metrics, title = EXTRAS[name]
+        lines += [f"# {title}", "", f"Sweep: `{path.relative_to(REPO)}`; seeds {part['seeds']}.", ""]
+        lines += bench.table(part["rows"], part["rows"].get(LOWER), metrics, "method", "supervised-only")
+        lines.append("")
     lines += [
         "mean ± sample std over the seeds of the final global model's test metrics; pseudo-label columns: "
         "the last round's counts summed over its clients (precision: right / used pseudo-labels; tail: "
@@ -85,7 +113,8 @@ def write_summary(results: dict) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--datasets", nargs="+", default=list(SPECS), choices=list(SPECS))
+    parser.add_argument("--datasets", nargs="*", default=list(SPECS), choices=list(SPECS))
+    parser.add_argument("--extras", nargs="*", default=list(EXTRAS), choices=list(EXTRAS))
     parser.add_argument("--seeds", type=int, nargs="+", help="instead of the sweep files' seeds")
     parser.add_argument("--summarise", action="store_true", help="rewrite summary.md from summary.json")
     args = parser.parse_args()
@@ -93,7 +122,7 @@ def main() -> None:
     if args.summarise:
         print(write_summary(previous))
         return
-    results = {"datasets": dict(previous.get("datasets", {}))}
+    results = {"datasets": dict(previous.get("datasets", {})), "extras": dict(previous.get("extras", {}))}
     for dataset in args.datasets:
         spec = bench._with_seeds(yaml.safe_load(SPECS[dataset].read_text()), args.seeds)
         sweep_id = f"semisup-{dataset}"
@@ -103,6 +132,15 @@ def main() -> None:
         for distribution, group in runs.groupby(AXIS, sort=False):
             part["distributions"][str(distribution)] = bench.collect(sweep_id, group, ["variant"], METRICS)
         results["datasets"][dataset] = part
+        print(write_summary(results), flush=True)
+    for name in args.extras:
+        path, metrics, _ = EXTRAS[name]
+        spec = bench._with_seeds(yaml.safe_load(path.read_text()), args.seeds)
+        sweep_id = f"semisup-{name}"
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = bench._sweep(spec, sweep_id, Path(tmp), args.workers)
+        rows = bench.collect(sweep_id, runs, ["variant"], metrics)
+        results["extras"][name] = {"seeds": spec["seeds"], "rows": rows}
         print(write_summary(results), flush=True)
 
 
