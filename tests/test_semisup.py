@@ -108,6 +108,20 @@ def test_daso_blend_weights_and_semantic_scores() -> None:
     torch.testing.assert_close(scores, torch.tensor([[20.0, 0.0, 0.0]]))
 
 
+def test_curriculum_stages_and_percentile_selection() -> None:
+    """Cascante-Bonilla et al.: the top delta, 2 delta, ... share of confidences, stages as equal slices
+    of the run's rounds; the threshold is the (100 - x)-th percentile."""
+    from clients.semisup.curriculum import curriculum_mask, stage_share
+
+    assert [stage_share(r, 30, 0.2) for r in (1, 6, 7, 12, 13, 30)] == pytest.approx(
+        [0.2, 0.2, 0.4, 0.4, 0.6, 1.0]
+    )
+    assert stage_share(5, 4, 0.2) == 1.0  # at most everything
+    conf = np.array([0.1, 0.9, 0.5, 0.7, 0.3])
+    assert curriculum_mask(conf, 0.4).tolist() == [False, True, False, True, False]
+    assert curriculum_mask(conf, 1.0).all() and curriculum_mask(np.zeros(0), 0.5).size == 0
+
+
 # --- pseudo-label counts ----------------------------------------------------------------------------------
 
 
@@ -197,7 +211,9 @@ def _params(ctx: LocalContext) -> list[torch.Tensor]:
     return [p.detach().clone() for p in ctx.model.parameters()]
 
 
-@pytest.mark.parametrize("method", ["fixmatch", "flexmatch", "da", "softmatch", "pseudo_label", "daso"])
+@pytest.mark.parametrize(
+    "method", ["fixmatch", "flexmatch", "da", "softmatch", "pseudo_label", "daso", "curriculum"]
+)
 def test_a_method_trains_on_the_unlabeled_stream_seeded(method: str) -> None:
     first, loss, n = _train(method)
     again, loss2, _ = _train(method)
