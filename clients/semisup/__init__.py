@@ -134,6 +134,19 @@ class ConfidenceOptions(PluginOptions):
     lambda_u: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the unlabeled loss.")
 
 
+def received_probabilities(ctx: LocalContext, positions: np.ndarray) -> np.ndarray:
+    """Softmax of the model as the client received it (eval mode, no gradient) on the unlabeled samples
+    at ``positions`` of its unlabeled part, (N, C): a round's labelling pass before any local step."""
+    model = ctx.model
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(ctx.data.x_unlabeled[positions]).to(ctx.device)
+        probs = torch.softmax(model(x).float(), dim=1).cpu().numpy()
+    model.train(was_training)
+    return probs
+
+
 def consistency_loss(logits_strong: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """FixMatch's unlabeled loss: the masked cross-entropy of the strong view against the weak view's
     hard pseudo-labels, averaged over the whole unlabeled batch (masked samples count as zeros)."""

@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from clients.semisup import SemiSupervised, UnlabeledLoss, UnlabeledStep, consistency_loss
+from clients.semisup import (
+    SemiSupervised,
+    UnlabeledLoss,
+    UnlabeledStep,
+    consistency_loss,
+    received_probabilities,
+)
 from fedtail.registry import SEMISUP, PluginOptions
 
 
@@ -60,13 +66,7 @@ class CurriculumLabeling(SemiSupervised):
     def begin(self, index: np.ndarray) -> None:
         ctx, cfg = self.ctx, self.ctx.job.config
         n = len(ctx.data.x_unlabeled)
-        model = ctx.model
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            x = torch.from_numpy(ctx.data.x_unlabeled[index]).to(ctx.device)
-            probs = torch.softmax(model(x).float(), dim=1).cpu().numpy() if len(x) else np.zeros((0, 1))
-        model.train(was_training)
+        probs = received_probabilities(ctx, index) if len(index) else np.zeros((0, 1))
         confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
         share = stage_share(ctx.global_round, cfg.num_tasks * cfg.task_rounds, self.options.delta)
         labels = np.full(n, -1, dtype=np.int64)  # -1: not pseudo-labeled this round

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord
 from pydantic import Field
 
-from clients.semisup import PLAIN, SemiSupervised, UnlabeledLoss, UnlabeledStep
+from clients.semisup import PLAIN, SemiSupervised, UnlabeledLoss, UnlabeledStep, received_probabilities
 from fedtail.models import array_from_numpy, array_to_numpy
 from fedtail.registry import SEMISUP, PluginOptions
 
@@ -82,13 +82,7 @@ class PseudoLabel(SemiSupervised):
         )
         unset = index[np.isnan(soft[index, 0])]
         if len(unset):  # the received model's predictions (the paper relabels after its warm-up)
-            model = ctx.model
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                x = torch.from_numpy(ctx.data.x_unlabeled[unset]).to(ctx.device)
-                soft[unset] = torch.softmax(model(x).float(), dim=1).cpu().numpy()
-            model.train(was_training)
+            soft[unset] = received_probabilities(ctx, unset)
         self.soft = torch.from_numpy(soft).to(ctx.device)
         self.latest = self.soft.clone()
         prior = np.full(c, 1.0 / c) if self.options.prior == "uniform" else np.asarray(ctx.class_prior, float)
