@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
 from pydantic import Field
 
+from fedtail.models import array_from_numpy, array_to_numpy
 from fedtail.registry import PluginOptions
 
 if TYPE_CHECKING:
@@ -101,6 +103,24 @@ class SemiSupervised:
         self.options = options
         self.num_classes = ctx.job.config.num_classes
 
+    def stored(self, key: str, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A writable copy of array ``name`` of the client-state record ``key`` when it has ``shape``
+        (state of another shape, e.g. from another partition, is not reused), else None."""
+        record = self.ctx.state.get(key)
+        if record is None or name not in record:
+            return None
+        value = array_to_numpy(record[name])
+        return value.copy() if value.shape == tuple(shape) else None
+
+    def store(self, key: str, **arrays: np.ndarray | torch.Tensor) -> None:
+        """Keep ``arrays`` as the client-state record ``key`` (checkpointed with the run)."""
+        self.ctx.state[key] = ArrayRecord(
+            {
+                name: array_from_numpy(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a)
+                for name, a in arrays.items()
+            }
+        )
+
     def begin(self, index: np.ndarray) -> None:
         """Before the first step, with the positions of the round's unlabeled samples in the client's
         unlabeled part (this task's)."""
@@ -134,17 +154,18 @@ class ConfidenceOptions(PluginOptions):
     lambda_u: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the unlabeled loss.")
 
 
-def received_probabilities(ctx: LocalContext, positions: np.ndarray) -> np.ndarray:
-    """Softmax of the model as the client received it (eval mode, no gradient) on the unlabeled samples
-    at ``positions`` of its unlabeled part, (N, C): a round's labelling pass before any local step."""
+def received_pass(ctx: LocalContext, x: np.ndarray, features: bool = False) -> torch.Tensor:
+    """The model as the client received it on ``x``, before any local step: its softmax (N, C), or with
+    ``features`` its features. Eval mode and no gradient, so the pass leaves BatchNorm statistics as
+    they were."""
     model = ctx.model
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        x = torch.from_numpy(ctx.data.x_unlabeled[positions]).to(ctx.device)
-        probs = torch.softmax(model(x).float(), dim=1).cpu().numpy()
+        inputs = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(ctx.device)
+        out = model.features(inputs) if features else torch.softmax(model(inputs).float(), dim=1)
     model.train(was_training)
-    return probs
+    return out
 
 
 def consistency_loss(logits_strong: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from clients.semisup import (
     UnlabeledLoss,
     UnlabeledStep,
     consistency_loss,
-    received_probabilities,
+    received_pass,
 )
 from fedtail.registry import SEMISUP, PluginOptions
 
@@ -66,7 +66,8 @@ class CurriculumLabeling(SemiSupervised):
     def begin(self, index: np.ndarray) -> None:
         ctx, cfg = self.ctx, self.ctx.job.config
         n = len(ctx.data.x_unlabeled)
-        probs = received_probabilities(ctx, index) if len(index) else np.zeros((0, 1))
+        x = ctx.data.x_unlabeled[index]
+        probs = received_pass(ctx, x).cpu().numpy() if len(index) else np.zeros((0, 1))
         confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
         share = stage_share(ctx.global_round, cfg.num_tasks * cfg.task_rounds, self.options.delta)
         labels = np.full(n, -1, dtype=np.int64)  # -1: not pseudo-labeled this round

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
 from pydantic import Field
 
 from clients.semisup import ConfidenceOptions, SemiSupervised, UnlabeledLoss, UnlabeledStep, consistency_loss
-from fedtail.models import array_from_numpy, array_to_numpy
 from fedtail.registry import SEMISUP
 
 RUNNING_MEAN = "da-running-mean"  # client state: p~(y)
@@ -53,10 +51,8 @@ class DistributionAlignment(SemiSupervised):
         c, device = self.num_classes, self.ctx.device
         prior = np.asarray(self.ctx.class_prior, dtype=np.float64)
         self.prior = torch.as_tensor(prior / max(prior.sum(), 1e-12), dtype=torch.float32, device=device)
-        record = self.ctx.state.get(RUNNING_MEAN)
-        stored = None if record is None else array_to_numpy(record["mean"])
-        fits = stored is not None and len(stored) == c
-        self.running = torch.tensor(stored, dtype=torch.float32, device=device) if fits else None
+        stored = self.stored(RUNNING_MEAN, "mean", (c,))
+        self.running = None if stored is None else torch.tensor(stored, dtype=torch.float32, device=device)
 
     def loss(self, step: UnlabeledStep) -> UnlabeledLoss:
         o = self.options
@@ -74,4 +70,4 @@ class DistributionAlignment(SemiSupervised):
     def end(self, steps: int) -> None:
         if self.running is None:
             return
-        self.ctx.state[RUNNING_MEAN] = ArrayRecord({"mean": array_from_numpy(self.running.cpu().numpy())})
+        self.store(RUNNING_MEAN, mean=self.running)

@@ -30,11 +30,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord
 from pydantic import Field
 
-from clients.semisup import ConfidenceOptions, SemiSupervised, UnlabeledLoss, UnlabeledStep, consistency_loss
-from fedtail.models import array_from_numpy, array_to_numpy
+from clients.semisup import (
+    ConfidenceOptions,
+    SemiSupervised,
+    UnlabeledLoss,
+    UnlabeledStep,
+    consistency_loss,
+    received_pass,
+)
 from fedtail.registry import SEMISUP
 
 PL_DIST = "daso-pl-dist"  # client state: the class distribution of the previous round's pseudo-labels
@@ -69,16 +74,13 @@ class DASO(SemiSupervised):
 
     def begin(self, index: np.ndarray) -> None:
         ctx, c = self.ctx, self.num_classes
-        record = ctx.state.get(PL_DIST)
-        stored = None if record is None else array_to_numpy(record["dist"])
-        self.pl_dist = None if stored is None or len(stored) != c else torch.tensor(stored, device=ctx.device)
+        stored = self.stored(PL_DIST, "dist", (c,))
+        self.pl_dist = None if stored is None else torch.tensor(stored, device=ctx.device)
         self.counts = torch.zeros(c, dtype=torch.int64, device=ctx.device)
         index_l = ctx.sample_index if ctx.sample_index is not None else np.arange(len(ctx.data.y))
         x, y = ctx.data.x[index_l], ctx.data.y[index_l]
-        model = ctx.model
-        with torch.no_grad():
-            feats = model.features(torch.from_numpy(x).to(ctx.device)) if len(x) else None
-        dim = model.classifier.in_features if feats is None else feats.shape[1]
+        feats = received_pass(ctx, x, features=True) if len(x) else None
+        dim = ctx.model.classifier.in_features if feats is None else feats.shape[1]
         self.queue = [torch.zeros(0, dim, device=ctx.device) for _ in range(c)]
         if feats is not None:
             self._enqueue(feats, torch.from_numpy(np.asarray(y, dtype=np.int64)).to(ctx.device))
@@ -119,4 +121,4 @@ class DASO(SemiSupervised):
         total = self.counts.sum()
         if total > 0:
             dist = (self.counts.double() / total).cpu().numpy()
-            self.ctx.state[PL_DIST] = ArrayRecord({"dist": array_from_numpy(dist)})
+            self.store(PL_DIST, dist=dist)

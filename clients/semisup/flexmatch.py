@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
 
 from clients.semisup import ConfidenceOptions, SemiSupervised, UnlabeledLoss, UnlabeledStep, consistency_loss
 from clients.semisup.fixmatch import confident_pseudo_labels
-from fedtail.models import array_from_numpy, array_to_numpy
 from fedtail.registry import SEMISUP
 
 SELECTED = "flexmatch-selected"  # client state: each unlabeled sample's latest confident class, -1 if none
@@ -50,9 +48,8 @@ class FlexMatch(SemiSupervised):
 
     def begin(self, index: np.ndarray) -> None:
         n = len(self.ctx.data.x_unlabeled)
-        record = self.ctx.state.get(SELECTED)
-        stored = None if record is None else array_to_numpy(record["selected"])
-        marks = stored.copy() if stored is not None and len(stored) == n else np.full(n, -1, dtype=np.int64)
+        marks = self.stored(SELECTED, "selected", (n,))
+        marks = np.full(n, -1, dtype=np.int64) if marks is None else marks
         self.selected = torch.from_numpy(marks).to(self.ctx.device)
         self.counted = torch.from_numpy(np.asarray(index, dtype=np.int64)).to(self.ctx.device)
 
@@ -69,4 +66,4 @@ class FlexMatch(SemiSupervised):
         return UnlabeledLoss(o.lambda_u * consistency_loss(strong, labels, mask), labels, mask)
 
     def end(self, steps: int) -> None:
-        self.ctx.state[SELECTED] = ArrayRecord({"selected": array_from_numpy(self.selected.cpu().numpy())})
+        self.store(SELECTED, selected=self.selected)

@@ -27,11 +27,9 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord
 from pydantic import Field
 
-from clients.semisup import PLAIN, SemiSupervised, UnlabeledLoss, UnlabeledStep, received_probabilities
-from fedtail.models import array_from_numpy, array_to_numpy
+from clients.semisup import PLAIN, SemiSupervised, UnlabeledLoss, UnlabeledStep, received_pass
 from fedtail.registry import SEMISUP, PluginOptions
 
 SOFT_LABELS = "pseudo-label-soft"  # client state: (unlabeled samples, C) soft labels, NaN rows unset
@@ -73,16 +71,11 @@ class PseudoLabel(SemiSupervised):
     def begin(self, index: np.ndarray) -> None:
         ctx, c = self.ctx, self.num_classes
         n = len(ctx.data.x_unlabeled)
-        record = ctx.state.get(SOFT_LABELS)
-        stored = None if record is None else array_to_numpy(record["soft"])
-        soft = (
-            stored.copy()
-            if stored is not None and stored.shape == (n, c)
-            else np.full((n, c), np.nan, np.float32)
-        )
+        soft = self.stored(SOFT_LABELS, "soft", (n, c))
+        soft = np.full((n, c), np.nan, np.float32) if soft is None else soft
         unset = index[np.isnan(soft[index, 0])]
         if len(unset):  # the received model's predictions (the paper relabels after its warm-up)
-            soft[unset] = received_probabilities(ctx, unset)
+            soft[unset] = received_pass(ctx, ctx.data.x_unlabeled[unset]).cpu().numpy()
         self.soft = torch.from_numpy(soft).to(ctx.device)
         self.latest = self.soft.clone()
         prior = np.full(c, 1.0 / c) if self.options.prior == "uniform" else np.asarray(ctx.class_prior, float)
@@ -118,4 +111,4 @@ class PseudoLabel(SemiSupervised):
         return UnlabeledLoss(o.lambda_u * loss, soft.argmax(dim=1), torch.ones(len(soft), device=soft.device))
 
     def end(self, steps: int) -> None:
-        self.ctx.state[SOFT_LABELS] = ArrayRecord({"soft": array_from_numpy(self.latest.cpu().numpy())})
+        self.store(SOFT_LABELS, soft=self.latest)

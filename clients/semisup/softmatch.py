@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
 from pydantic import Field
 
 from clients.semisup import SemiSupervised, UnlabeledLoss, UnlabeledStep, consistency_loss
 from clients.semisup.da import align
-from fedtail.models import array_from_numpy, array_to_numpy
 from fedtail.registry import SEMISUP, PluginOptions
 
 STATE = "softmatch-ema"  # client state: mu_t, sigma_t^2 and E[q]
@@ -52,11 +50,10 @@ class SoftMatch(SemiSupervised):
 
     def begin(self, index: np.ndarray) -> None:
         c = self.num_classes
-        record = self.ctx.state.get(STATE)
-        if record is not None and len(array_to_numpy(record["p_model"])) == c:
-            moments = array_to_numpy(record["moments"])
+        p_model, moments = self.stored(STATE, "p_model", (c,)), self.stored(STATE, "moments", (2,))
+        if p_model is not None and moments is not None:
             self.mu, self.var = float(moments[0]), float(moments[1])
-            self.p_model = torch.tensor(array_to_numpy(record["p_model"]), device=self.ctx.device)
+            self.p_model = torch.tensor(p_model, device=self.ctx.device)
         else:
             self.mu, self.var, self.p_model = 1.0 / c, 1.0, None
         self.uniform = torch.full((c,), 1.0 / c, device=self.ctx.device)
@@ -81,9 +78,4 @@ class SoftMatch(SemiSupervised):
 
     def end(self, steps: int) -> None:
         p_model = self.p_model if self.p_model is not None else self.uniform
-        self.ctx.state[STATE] = ArrayRecord(
-            {
-                "moments": array_from_numpy(np.array([self.mu, self.var], dtype=np.float64)),
-                "p_model": array_from_numpy(p_model.cpu().numpy()),
-            }
-        )
+        self.store(STATE, moments=np.array([self.mu, self.var], dtype=np.float64), p_model=p_model)
