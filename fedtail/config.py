@@ -281,6 +281,14 @@ class PartitionConfig(_Section):
         description="Open world: classes that keep no label on any client (all their samples unlabeled).",
     )
 
+    @property
+    def all_labeled(self) -> bool:
+        """Whether every sample keeps its label (no unlabeled part): the whole labeled fraction, no
+        labeled long tail of its own, no class held out of the labels."""
+        return (
+            self.labeled_fraction >= 1.0 and self.labeled_imbalance_factor is None and not self.novel_classes
+        )
+
     @model_validator(mode="after")
     def _partitioner_rules(self) -> PartitionConfig:
         check = getattr(PARTITIONERS.get(self.method), "check_config", None)  # its option combinations
@@ -636,8 +644,7 @@ class FedtailConfig(_Section):
                 f"partition.novel_classes={novel}; allowed: distinct class ids in 0..{self.num_classes - 1}, "
                 "fewer than all classes"
             )
-        whole = pc.labeled_fraction >= 1.0 and pc.labeled_imbalance_factor is None and not novel
-        if pc.unlabeled_distribution != "rest" and whole:
+        if pc.unlabeled_distribution != "rest" and pc.all_labeled:
             raise ValueError(
                 f"partition.unlabeled_distribution={pc.unlabeled_distribution!r} shapes the unlabeled part, "
                 "but partition.labeled_fraction=1.0 leaves none: set partition.labeled_fraction below 1"
@@ -661,9 +668,7 @@ class FedtailConfig(_Section):
         checked against the dataset's modality and its options filled (the config's one form)."""
         ss = self.semisup
         method = SEMISUP.get(ss.method)
-        pc = self.partition
-        whole = pc.labeled_fraction >= 1.0 and pc.labeled_imbalance_factor is None and not pc.novel_classes
-        if method.uses_unlabeled and whole:
+        if method.uses_unlabeled and self.partition.all_labeled:
             raise ValueError(
                 f"semisup.method={ss.method!r} trains on each client's unlabeled part, but "
                 "partition.labeled_fraction=1.0 leaves none: set partition.labeled_fraction below 1 "

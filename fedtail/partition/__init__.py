@@ -476,7 +476,7 @@ def partition_labels(labels: np.ndarray, num_classes: int, cfg: FedtailConfig) -
         )
         kept = np.sort(np.concatenate(client_indices))
     counts = client_class_counts(y, client_indices, num_classes)
-    if pc.labeled_imbalance_factor is None and pc.labeled_fraction == 1.0 and not pc.novel_classes:
+    if pc.all_labeled:
         labeled = [np.ones(idx.size, dtype=bool) for idx in client_indices]
     else:
         quota = labeled_counts(
