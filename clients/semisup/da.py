@@ -33,6 +33,13 @@ def align(probs: torch.Tensor, prior: torch.Tensor, running: torch.Tensor) -> to
     return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def updated_mean(running: torch.Tensor | None, probs: torch.Tensor, momentum: float) -> torch.Tensor:
+    """The running mean prediction after one batch: the batch's mean to start (USB's DistAlignEMAHook),
+    then an exponential moving average with ``momentum``."""
+    mean = probs.mean(dim=0)
+    return mean if running is None else momentum * running + (1 - momentum) * mean
+
+
 class DAOptions(ConfidenceOptions):
     """FixMatch's settings and the running mean's horizon."""
 
@@ -58,10 +65,7 @@ class DistributionAlignment(SemiSupervised):
         o = self.options
         with torch.no_grad():
             probs = torch.softmax(step.views["weak"].logits.detach().float(), dim=1)
-            mean = probs.mean(dim=0)
-            self.running = (
-                mean if self.running is None else o.momentum * self.running + (1 - o.momentum) * mean
-            )
+            self.running = updated_mean(self.running, probs, o.momentum)
             confidence, labels = align(probs, self.prior, self.running).max(dim=1)
             mask = (confidence >= o.threshold).float()
         strong = step.views["strong"].logits

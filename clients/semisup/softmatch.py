@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from clients.semisup import SemiSupervised, UnlabeledLoss, UnlabeledStep, consistency_loss
-from clients.semisup.da import align
+from clients.semisup.da import align, updated_mean
 from fedtail.registry import SEMISUP, PluginOptions
 
 STATE = "softmatch-ema"  # client state: mu_t, sigma_t^2 and E[q]
@@ -63,10 +63,7 @@ class SoftMatch(SemiSupervised):
         with torch.no_grad():
             probs = torch.softmax(step.views["weak"].logits.detach().float(), dim=1)
             if o.uniform_alignment:
-                mean = probs.mean(dim=0)
-                self.p_model = (
-                    mean if self.p_model is None else o.momentum * self.p_model + (1 - o.momentum) * mean
-                )
+                self.p_model = updated_mean(self.p_model, probs, o.momentum)
                 probs = align(probs, self.uniform, self.p_model)
             max_probs, labels = probs.max(dim=1)
             var = float(max_probs.var(unbiased=True)) if len(max_probs) > 1 else 0.0
