@@ -99,7 +99,7 @@ def _model(job: P.Job, arrays: ArrayRecord) -> torch.nn.Module:
     cfg = job.config
     shape = _input_shape(str(job.staged_dir))
     m = cfg.model
-    key = (cfg.model_name(), shape, cfg.num_classes, m.model_dump_json())
+    key = (cfg.model_name(), shape, cfg.num_classes, m.model_dump_json(), cfg.semisup.method)
     models = _local.__dict__.setdefault("models", {})
     model = models.get(key)
     if model is None:

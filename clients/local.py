@@ -328,14 +328,14 @@ class UnlabeledStream:
         self._order_gen = torch.Generator().manual_seed(step_seed(seed, UNLABELED_STREAM))
         self._aug_gen = torch.Generator().manual_seed(step_seed(seed, AUGMENT_STREAM))
         self._pending = torch.zeros(0, dtype=torch.int64)
-        self.augment = {
-            v: _augmentation(
-                cfg.dataset.name, getattr(ss, v), json.dumps(getattr(ss, f"{v}_options"), sort_keys=True)
-            )
-            for v in views
-            if v != PLAIN
-        }
+        self._ss, self._dataset = ss, cfg.dataset.name
+        self.augment = {v: self._augmenter(v) for v in views if v != PLAIN}
         self.views = views
+
+    def _augmenter(self, view: str) -> Any:
+        ss = self._ss
+        options = json.dumps(getattr(ss, f"{view}_options"), sort_keys=True)
+        return _augmentation(self._dataset, getattr(ss, view), options)
 
     def steps_per_epoch(self) -> int:
         """Steps of an epoch on a client without labels: one pass over the unlabeled samples."""
@@ -348,6 +348,14 @@ class UnlabeledStream:
         pos, self._pending = self._pending[: self.size], self._pending[self.size :]
         xb = self.x[pos.to(self.x.device)]
         return pos, xb, {v: xb if v == PLAIN else self.augment[v](xb, self._aug_gen) for v in self.views}
+
+    def view(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """A further view ``name`` of ``x`` from the views' seeded stream (`UnlabeledStep.augment`)."""
+        if name == PLAIN:
+            return x
+        if name not in self.augment:
+            self.augment[name] = self._augmenter(name)
+        return self.augment[name](x, self._aug_gen)
 
     @property
     def generator(self) -> torch.Generator:
@@ -417,7 +425,7 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
     shown = method.objective_classes()  # plus any class in the data (blurry tasks bring the next one's)
     shown = None if shown is None else sorted(set(shown) | set(np.unique(labels.numpy()).tolist()))
     hidden = _hidden_classes(shown, cfg.num_classes, ctx.device)
-    weight = method.objective_weight()
+    weight = method.objective_weight() * (semi.labeled_weight() if stream is not None else 1.0)
     clip, params = cfg.train.max_grad_norm, [p for p in model.parameters() if p.requires_grad]
     model.train()
     for _ in range(cfg.train.epochs):
@@ -457,6 +465,7 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
                 scored = logits
                 for term in terms:
                     scored = term.adjust_logits(scored)
+                scored = semi.adjust_logits(scored)
                 seen_by_objective = scored if hidden is None else scored.masked_fill(hidden, HIDDEN_LOGIT)
                 loss = objective.loss(seen_by_objective, yb, xb)
                 if weight != 1.0:
@@ -472,7 +481,9 @@ def train_local(ctx: LocalContext, x: np.ndarray, y: np.ndarray) -> tuple[float,
                 loss = logits.sum() * 0.0
             if stream is not None:
                 unlabeled = semi.loss(
-                    UnlabeledStep(step, stream.index[pos], views, steps, per_epoch * cfg.train.epochs)
+                    UnlabeledStep(
+                        step, stream.index[pos], views, steps, per_epoch * cfg.train.epochs, stream.view
+                    )
                 )
                 if unlabeled is not None:
                     loss = loss + unlabeled.loss

@@ -28,7 +28,7 @@ from fedtail import protocol as P
 from fedtail.config import FedtailConfig
 from fedtail.errors import RunError
 from fedtail.models import array_from_numpy, array_to_numpy
-from fedtail.registry import PluginOptions
+from fedtail.registry import SEMISUP, PluginOptions
 
 log = logging.getLogger("fedtail.strategy")
 T = TypeVar("T")
@@ -155,6 +155,9 @@ def weighted_metrics(records: list[RecordDict], weighting_key: str) -> MetricRec
                     out[key] += value * weight
     return MetricRecord(out)
 
+
+SEMISUP_STATE = "semisup-server"
+"""The checkpointed strategy state's key of the semi-supervised method's server part."""
 
 SUMMED_PREFIX = "sums:"
 """Reply records named ``sums:<what>`` hold counts the server sums over the round's clients (never
@@ -320,6 +323,10 @@ class FedtailStrategy:
         self._bytes_down = 0
         self.last_sums: dict[str, dict[str, np.ndarray]] = {}
         """The round's ``sums:`` reply records summed over its aggregated clients (`summed_records`)."""
+        semi = SEMISUP.get(cfg.semisup.method)
+        options = semi.Options.model_validate(cfg.semisup.options)
+        self.semisup_server = None if semi.server is None else semi.server(cfg, options)
+        """The semi-supervised method's server part (`clients.semisup.ServerPart`), fed ``last_sums``."""
         self._aggregated: list[int] | None = None
         self._metrics_fn = self.train_metrics_aggr_fn
 
@@ -368,13 +375,19 @@ class FedtailStrategy:
     # ---- the server's state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:
         """The attributes named in `STATE`, as tensors (the checkpoint's ``strategy_state``)."""
-        return {name: _pack(getattr(self, name)) for name in self.STATE}
+        state = {name: _pack(getattr(self, name)) for name in self.STATE}
+        if self.semisup_server is not None:
+            state[SEMISUP_STATE] = _pack(self.semisup_server.state)
+        return state
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        """Resume: set the `STATE` attributes back to a checkpoint's copy."""
+        """Resume: set the `STATE` attributes (and the semi-supervised server part's) back to a
+        checkpoint's copy."""
         for name in self.STATE:
             if name in state:
                 setattr(self, name, _unpack(state[name]))
+        if self.semisup_server is not None and SEMISUP_STATE in state:
+            self.semisup_server.state = _unpack(state[SEMISUP_STATE])
 
     # ---- hooks ----------------------------------------------------------------------------------
     def train_records(self, partition_id: int) -> dict[str, ArrayRecord | ConfigRecord]:
@@ -426,6 +439,8 @@ class FedtailStrategy:
             else {self.arrayrecord_key: arrays, self.configrecord_key: config}
         )
         base.update(self.extra_records)
+        if self.semisup_server is not None:
+            base.update(self.semisup_server.records())
         messages, down = [], 0
         shared = payload_bytes(RecordDict(base))
         for pid in pids:
@@ -468,6 +483,8 @@ class FedtailStrategy:
         )
         self.last_counts = counts
         self.last_sums = summed_records(uplink[pid] for pid, _, _ in usable)
+        if self.semisup_server is not None and usable:
+            self.semisup_server.update(self.last_sums, [(pid, uplink[pid]) for pid in sorted(uplink)])
         gr = self.global_round(server_round)
         for problem in failed:
             log.warning("round %d: failed client: %s", gr, problem)

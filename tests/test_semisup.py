@@ -26,8 +26,9 @@ from clients.semisup.fixmatch import confident_pseudo_labels
 from clients.semisup.flexmatch import SELECTED, flexible_thresholds, learning_effect
 from fedtail import protocol as P
 from fedtail.config import ConfigError, build_config
-from fedtail.models import array_from_numpy, array_to_numpy, build_model
+from fedtail.models import array_from_numpy, array_to_numpy, build_model, model_for
 from fedtail.protocol import Job
+from fedtail.registry import SEMISUP
 from strategies.base import summed_records
 
 # --- the methods' math ------------------------------------------------------------------------------------
@@ -177,6 +178,8 @@ def _context(method: str, n_labeled: int, n_unlabeled: int, **semisup) -> tuple[
         index_unlabeled=np.arange(n_labeled, len(y)),
     )
     model = build_model("mlp", (64,), 10, 16, 0)
+    if SEMISUP.get(method).modules(cfg, (64,), 16):  # the method's own layers join the model
+        model = model_for(cfg, (64,))
     frozen = copy.deepcopy(model)
     ctx = LocalContext(
         job=Job(cfg, Path("."), Path(".")),

@@ -13,13 +13,15 @@ against the unlabeled samples' hidden labels, which stay on the client and serve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from pydantic import Field
+from torch import nn
 
 from fedtail.models import array_from_numpy, array_to_numpy
 from fedtail.registry import PluginOptions
@@ -58,6 +60,8 @@ class UnlabeledStep:
     ``index``: each unlabeled sample's position in the client's unlabeled part (``ClientData.x_unlabeled``,
     every task's), the key of per-sample state. ``views``: the method's `SemiSupervised.views`, by name.
     ``step`` / ``total_steps``: progress through the round (0-based; a warm-up or ramp reads it).
+    ``augment(view, x)``: a further ``weak`` / ``strong`` view of any inputs (the labeled batch's, for a
+    method that also augments labeled samples), drawn from the same seeded stream as the views.
     """
 
     labeled: Step
@@ -65,6 +69,7 @@ class UnlabeledStep:
     views: dict[str, View]
     step: int
     total_steps: int
+    augment: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,13 +82,43 @@ class UnlabeledLoss:
     mask: torch.Tensor
 
 
+class ServerPart:
+    """A semi-supervised method's server part (`SemiSupervised.server`): what the whole federation's
+    unlabeled data says, which no client sees alone.
+
+    After each round, `update` reads the round's ``sums:`` reply records summed over its clients (the
+    method's client part sends them through ``ctx.reply``) and each aggregated client's other reply
+    records, in partition order (what cannot be summed: FedoSSL's local centroids, clustered together
+    on the server); `records` are sent with every train message
+    (the client reads them from ``ctx.message``). ``state`` holds numpy arrays only and is checkpointed with
+    the strategy's state, so a resumed run sends what it would have sent."""
+
+    def __init__(self, cfg: FedtailConfig, options: PluginOptions) -> None:
+        self.cfg = cfg
+        self.options = options
+        self.state: dict[str, np.ndarray] = {}
+
+    def update(
+        self, sums: dict[str, dict[str, np.ndarray]], replies: list[tuple[int, dict[str, Any]]]
+    ) -> None:
+        """Fold one round's client statistics into ``state``: ``sums`` summed over the clients,
+        ``replies`` as (partition id, records) of each aggregated client, by partition id."""
+
+    def records(self) -> dict[str, ArrayRecord]:
+        """Records every train message carries beside the model (none by default)."""
+        return {}
+
+
 class SemiSupervised:
     """Base class of a semi-supervised method; the hooks default to the supervised-only baseline.
 
     Class attributes say what the loop must provide: ``uses_unlabeled`` (the unlabeled part takes part in
     training at all), ``views`` (the views of each unlabeled batch the forward pass includes: ``weak`` /
-    ``strong``, the config's augmentations, or `PLAIN`; empty: no unlabeled stream). Settings are
-    ``semisup.options``, typed as ``self.options``.
+    ``strong``, the config's augmentations, or `PLAIN`; empty: no unlabeled stream), ``server`` (a
+    `ServerPart` that estimates federation-wide statistics each round). `modules` are the method's own
+    layers (a second head, a twin network), part of the global model: sent, trained, averaged and
+    checkpointed with it, never used by evaluation. Settings are ``semisup.options``, typed as
+    ``self.options``.
     """
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
@@ -92,6 +127,28 @@ class SemiSupervised:
     reveals_labels: ClassVar[bool] = False
     """The all-labels upper bound: every client's unlabeled samples are loaded as labeled (their true
     labels), for training, the objective's counts and the server's class prior alike."""
+    server: ClassVar[type[ServerPart] | None] = None
+
+    @classmethod
+    def modules(
+        cls, cfg: FedtailConfig, input_shape: tuple[int, ...], feature_dim: int
+    ) -> dict[str, nn.Module]:
+        """The method's own modules, built (seeded) with the model as ``model.extra[name]``; none by
+        default, so the model's arrays are the plain model's."""
+        return {}
+
+    def module(self, name: str) -> nn.Module:
+        """One of the method's `modules`, as the client received it."""
+        return self.ctx.model.extra[name]
+
+    def labeled_weight(self) -> float:
+        """Factor on the labeled loss (the objective's, before the other terms): 1 by default."""
+        return 1.0
+
+    def adjust_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The labeled logits the objective scores (after the strategy's adjustment), e.g. SimPro's
+        logit adjustment by its estimated class prior; unchanged by default."""
+        return logits
 
     @classmethod
     def check_config(cls, cfg: FedtailConfig) -> str | None:

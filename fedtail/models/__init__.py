@@ -53,10 +53,11 @@ class CosineLinear(nn.Module):
 class FeatureClassifier(nn.Module):
     """``features`` then ``classifier``: the surface every method may rely on."""
 
-    def __init__(self, features: nn.Module, classifier: nn.Module) -> None:
+    def __init__(self, features: nn.Module, classifier: nn.Module, feature_dim: int) -> None:
         super().__init__()
         self.features = features
         self.classifier = classifier
+        self.feature_dim = feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -85,13 +86,18 @@ def build_model(
             head = nn.Linear(dim, num_classes)
         else:
             raise ValueError(f"model.classifier={classifier!r}; allowed: linear, cosine")
-        return FeatureClassifier(features, head)
+        return FeatureClassifier(features, head, dim)
+
+
+EXTRA_SEED = 0x5E
+"""Key of the seed of a semi-supervised method's own modules, so the main model's weights stay the same."""
 
 
 def model_for(cfg: FedtailConfig, input_shape: Sequence[int]) -> FeatureClassifier:
-    """`build_model` with the config's model section (seeded with ``cfg.seed``)."""
+    """`build_model` with the config's model section (seeded with ``cfg.seed``), plus the semi-supervised
+    method's own modules as ``model.extra`` when it has any (`clients.semisup.SemiSupervised.modules`)."""
     m = cfg.model
-    return build_model(
+    model = build_model(
         cfg.model_name(),
         input_shape,
         cfg.num_classes,
@@ -101,6 +107,15 @@ def model_for(cfg: FedtailConfig, input_shape: Sequence[int]) -> FeatureClassifi
         m.cosine_scale,
         m.depth,
     )
+    from fedtail.registry import SEMISUP  # plug-ins import this module
+
+    method = SEMISUP.get(cfg.semisup.method)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed * 1000 + EXTRA_SEED)
+        extra = method.modules(cfg, tuple(input_shape), model.feature_dim)
+    if extra:
+        model.extra = nn.ModuleDict(extra)
+    return model
 
 
 # ---- Flower Array -> numpy, exactly as Flower's Array.numpy ----------------------------------------
