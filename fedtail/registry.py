@@ -60,8 +60,10 @@ def check_options(registry: Registry, name: str, options: dict[str, Any]) -> dic
             where = ".".join(str(p) for p in e["loc"])
             if e["type"] == "extra_forbidden":
                 problems.append(f"unknown option {where!r}")
-            else:
+            elif where:
                 problems.append(f"option {where!r}: {e['msg']} (got {e.get('input')!r})")
+            else:  # a rule over several options
+                problems.append(f"{e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
         raise ValueError(
             f"{'; '.join(problems)}; {registry.kind} {name!r} accepts: {describe_options(model)}"
         ) from None

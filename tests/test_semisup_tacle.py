@@ -84,13 +84,14 @@ def test_confident_counts_are_per_task_class_and_leave_the_training_mode() -> No
 def test_options_refuse_a_first_threshold_of_one() -> None:
     with pytest.raises(ValueError, match="first task's threshold"):
         TACLEOptions(alpha=1.0, beta=0.5)
-    with pytest.raises(ConfigError, match="first task's threshold"):
+    with pytest.raises(ConfigError, match="first task's threshold") as refused:
         build_config(
             {
                 "semisup": {"method": "tacle", "options": {"alpha": 0.4, "beta": 0.8}},
                 "partition": {"labeled_fraction": 0.5},
             }
         )
+    assert "option ''" not in str(refused.value) and "Value error" not in str(refused.value)
 
 
 # --- local training, class-incremental ---------------------------------------------------------------------
