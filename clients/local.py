@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from fedtail.partition import load_client
 from fedtail.protocol import Job
 from fedtail.registry import CONTINUAL, OBJECTIVES, SEMISUP, STRATEGIES
 from fedtail.staging import load_staged
+
+if TYPE_CHECKING:
+    from fedtail.config import FedtailConfig
 
 
 @dataclass
@@ -309,6 +312,14 @@ def _augmentation(dataset: str, name: str, options_json: str) -> Any:
     return AUGMENTATIONS.get(name)(DATASETS.get(dataset), json.loads(options_json))
 
 
+def view_augmentation(cfg: FedtailConfig, view: str) -> Any:
+    """The augmentation of view ``weak`` / ``strong`` (``semisup.<view>`` with its options), the
+    process's one instance (`_augmentation`)."""
+    ss = cfg.semisup
+    options = json.dumps(getattr(ss, f"{view}_options"), sort_keys=True)
+    return _augmentation(cfg.dataset.name, getattr(ss, view), options)
+
+
 class UnlabeledStream:
     """The round's unlabeled batches: consecutive seeded permutations of the client's unlabeled samples
     (every sample once per pass), ``size`` at a time, and their augmented views, from their own seeds so
@@ -328,14 +339,9 @@ class UnlabeledStream:
         self._order_gen = torch.Generator().manual_seed(step_seed(seed, UNLABELED_STREAM))
         self._aug_gen = torch.Generator().manual_seed(step_seed(seed, AUGMENT_STREAM))
         self._pending = torch.zeros(0, dtype=torch.int64)
-        self._ss, self._dataset = ss, cfg.dataset.name
-        self.augment = {v: self._augmenter(v) for v in views if v != PLAIN}
+        self._cfg = cfg
+        self.augment = {v: view_augmentation(cfg, v) for v in views if v != PLAIN}
         self.views = views
-
-    def _augmenter(self, view: str) -> Any:
-        ss = self._ss
-        options = json.dumps(getattr(ss, f"{view}_options"), sort_keys=True)
-        return _augmentation(self._dataset, getattr(ss, view), options)
 
     def steps_per_epoch(self) -> int:
         """Steps of an epoch on a client without labels: one pass over the unlabeled samples."""
@@ -354,7 +360,7 @@ class UnlabeledStream:
         if name == PLAIN:
             return x
         if name not in self.augment:
-            self.augment[name] = self._augmenter(name)
+            self.augment[name] = view_augmentation(self._cfg, name)
         return self.augment[name](x, self._aug_gen)
 
     @property

@@ -96,7 +96,7 @@ from pydantic import Field
 
 from clients.semisup import SemiSupervised, ServerPart, UnlabeledLoss, UnlabeledStep, received_pass
 from fedtail.models import array_from_numpy, array_to_numpy
-from fedtail.registry import AUGMENTATIONS, DATASETS, SEMISUP, PluginOptions
+from fedtail.registry import SEMISUP, PluginOptions
 
 if TYPE_CHECKING:
     from clients.local import LocalContext
@@ -357,6 +357,8 @@ class FedoSSL(SemiSupervised):
     server = FedoSSLServer
 
     def __init__(self, ctx: LocalContext, options: FedoSSLOptions) -> None:
+        from clients.local import view_augmentation  # the loop's module imports this package
+
         super().__init__(ctx, options)
         cfg = ctx.job.config
         record = ctx.message.get(CENTROIDS)
@@ -368,9 +370,7 @@ class FedoSSL(SemiSupervised):
         self.margin_y: torch.Tensor | None = None
         self.uncertainty = 0.0
         self.calls, self.per_epoch = 0, 0
-        self.weak = AUGMENTATIONS.get(cfg.semisup.weak)(
-            DATASETS.get(cfg.dataset.name), cfg.semisup.weak_options
-        )
+        self.weak = view_augmentation(cfg, "weak")
 
     def begin(self, index: np.ndarray) -> None:
         ctx, c = self.ctx, self.num_classes
