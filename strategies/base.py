@@ -326,7 +326,8 @@ class FedtailStrategy:
         semi = SEMISUP.get(cfg.semisup.method)
         options = semi.Options.model_validate(cfg.semisup.options)
         self.semisup_server = None if semi.server is None else semi.server(cfg, options)
-        """The semi-supervised method's server part (`clients.semisup.ServerPart`), fed ``last_sums``."""
+        """The semi-supervised method's server part (`clients.semisup.ServerPart`), fed ``last_sums`` and the
+        aggregated clients' reply records after each round."""
         self._aggregated: list[int] | None = None
         self._metrics_fn = self.train_metrics_aggr_fn
 

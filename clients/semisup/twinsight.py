@@ -36,13 +36,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from clients.semisup import SemiSupervised, UnlabeledLoss, UnlabeledStep, consistency_loss
-from fedtail.registry import MODELS, SEMISUP, PluginOptions
+from fedtail.models import build_features
+from fedtail.registry import SEMISUP, PluginOptions
 
 if TYPE_CHECKING:
     from fedtail.config import FedtailConfig
@@ -115,11 +117,10 @@ class TwinSight(SemiSupervised):
     def modules(
         cls, cfg: FedtailConfig, input_shape: tuple[int, ...], feature_dim: int
     ) -> dict[str, nn.Module]:
-        extra = {} if cfg.model.depth is None else {"depth": cfg.model.depth}
-        features, dim = MODELS.get(cfg.model_name())(tuple(input_shape), cfg.model.hidden, **extra)
+        features, dim = build_features(cfg.model_name(), input_shape, cfg.model.hidden, cfg.model.depth)
         return {TWIN: Twin(features, dim)}
 
-    def begin(self, index) -> None:  # noqa: ANN001 - positions, unused
+    def begin(self, index: np.ndarray) -> None:
         c, device = self.num_classes, self.ctx.device
         self.p_model = torch.full((c,), 1.0 / c, device=device)
         self.time_p = self.p_model.mean()

@@ -63,6 +63,14 @@ class FeatureClassifier(nn.Module):
         return self.classifier(self.features(x))
 
 
+def build_features(
+    name: str, input_shape: Sequence[int], hidden: int, depth: int | None = None
+) -> tuple[nn.Module, int]:
+    """A registered feature extractor and its feature width, from the global RNG (callers seed it)."""
+    extra = {} if depth is None else {"depth": depth}  # only the mlp takes a depth (config-checked)
+    return MODELS.get(name)(tuple(input_shape), hidden, **extra)
+
+
 def build_model(
     name: str,
     input_shape: Sequence[int],
@@ -75,11 +83,9 @@ def build_model(
 ) -> FeatureClassifier:
     """A registered feature extractor plus a ``linear`` or ``cosine`` classifier, with seeded initial
     weights (the server's round-0 model): the features are initialised first, then the classifier."""
-    builder = MODELS.get(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        extra = {} if depth is None else {"depth": depth}  # only the mlp takes a depth (config-checked)
-        features, dim = builder(tuple(input_shape), hidden, **extra)
+        features, dim = build_features(name, input_shape, hidden, depth)
         if classifier == "cosine":
             head: nn.Module = CosineLinear(dim, num_classes, cosine_scale)
         elif classifier == "linear":
